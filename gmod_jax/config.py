@@ -1,0 +1,296 @@
+"""Frozen configuration dataclasses for the LLaVA model and its γ-MoD adaptation.
+
+Configs are hashable (they are static arguments of jitted functions) and serialise to plain
+JSON (`to_dict` / `from_dict`), which is what checkpoints store next to their params. Reading
+HF / original-LLaVA / γ-MoD `config.json` files lives in `convert/hf_config.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from gmod_jax import token_types
+
+
+def _tuple(value):
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return tuple(_tuple(v) for v in value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """CLIP ViT tower (HF `CLIPVisionConfig` field meanings)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    # int, or tuple of ints whose features are concatenated on the channel axis (HF semantics:
+    # index into hidden_states, where 0 is the pre-layernorm output and i the i-th layer output).
+    feature_layer: int | tuple[int, ...] = -2
+    feature_strategy: str = "default"  # "default" drops CLS, "full" keeps it
+
+    def __post_init__(self):
+        object.__setattr__(self, "feature_layer", _tuple(self.feature_layer))
+        if self.feature_strategy not in ("default", "full"):
+            raise ValueError(f"vision feature_strategy must be 'default' or 'full', got {self.feature_strategy!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"vision hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} not divisible by patch_size {self.patch_size}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        layers = self.feature_layer if isinstance(self.feature_layer, tuple) else (self.feature_layer,)
+        return tuple(l if l >= 0 else self.num_layers + 1 + l for l in layers)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.num_patches + (1 if self.feature_strategy == "full" else 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectorConfig:
+    """Multimodal projector: `mlp{N}x_gelu` (Linear, (GELU, Linear) x N-1) or `linear`."""
+
+    type: str = "mlp2x_gelu"
+    bias: bool = True
+    hidden_act: str = "gelu"  # exact erf GELU, as `ACT2FN["gelu"]`
+
+    @property
+    def depth(self) -> int:
+        if self.type == "linear":
+            return 1
+        if self.type.startswith("mlp") and self.type.endswith("x_gelu"):
+            return int(self.type[3:-6])
+        raise ValueError(f"unknown projector type {self.type!r} (expected 'linear' or 'mlpNx_gelu')")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """LLaMA decoder (HF `LlamaConfig` field meanings)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # None or a tuple of (key, value) pairs of the HF rope_scaling / rope_parameters dict
+    # (rope_type: linear, dynamic, llama3, yarn, longrope).
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", tuple(sorted((k, _tuple(v)) for k, v in self.rope_scaling.items())))
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} not divisible by num_kv_heads {self.num_kv_heads}")
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+
+MOD_PLACEMENTS = ("explicit", "arank_mod", "all", "every_2nd", "two_of_three")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoDConfig:
+    """γ-MoD adaptation. Defaults reproduce the official code (see README "Faithful defaults")."""
+
+    enabled: bool = False
+    layers: tuple[int, ...] = ()  # MoD layer indices (resolved list; see `mod_layer_indices`)
+    routing_ratio: float = 0.5  # share of routable tokens skipped per MoD layer in training
+    router_aux_loss_coef: float = 0.01
+    loss_layer_reduction: str = "sum"  # over MoD layers: "sum" (official) or "mean"
+    loss_token_reduction: str = "all"  # "all" B*T positions incl. padding (official) or "non_pad"
+    shared_router: bool = True  # one W_r for all MoD layers (official); False = per-layer routers
+    masking: str = "official"  # key of token_types.MASKING_PRESETS
+    compact_positions: bool = True  # RoPE positions 0..k-1 inside MoD layers (official)
+    implementation: str = "gather"  # "gather" (take_along_axis/scatter) or "onehot" (dispatch einsums)
+    inference_routing: str = "threshold"  # "threshold" (official) or "capacity" (training top-k rule)
+    prefill_threshold: float = 0.005  # keep a prefill token iff keep-prob > this (official)
+    decode_threshold: float = 0.5  # a decode token skips a MoD layer iff keep-prob < this (official)
+    # Static upper bound on kept tokens per MoD layer for threshold routing, as a share of the
+    # sequence length. 1.0 never drops a token that passed the threshold (exact, no FLOP savings);
+    # smaller values bound compute, keeping the highest keep-probs when more pass.
+    threshold_max_capacity: float = 1.0
+    router_init: str = "kaiming_uniform"  # PyTorch nn.Linear default (LLaVA-HR code); or "xavier_uniform"
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        if self.masking not in token_types.MASKING_PRESETS:
+            raise ValueError(f"mod.masking {self.masking!r} not in {sorted(token_types.MASKING_PRESETS)}")
+        if self.implementation not in ("gather", "onehot"):
+            raise ValueError(f"mod.implementation must be 'gather' or 'onehot', got {self.implementation!r}")
+        if self.inference_routing not in ("threshold", "capacity"):
+            raise ValueError(f"mod.inference_routing must be 'threshold' or 'capacity', got {self.inference_routing!r}")
+        if not 0.0 <= self.routing_ratio < 1.0:
+            raise ValueError(f"mod.routing_ratio must be in [0, 1), got {self.routing_ratio}")
+        if self.loss_layer_reduction not in ("sum", "mean") or self.loss_token_reduction not in ("all", "non_pad"):
+            raise ValueError("mod loss reductions: layer in {sum, mean}, token in {all, non_pad}")
+        if not 0.0 < self.threshold_max_capacity <= 1.0:
+            raise ValueError("mod.threshold_max_capacity must be in (0, 1]")
+
+    @property
+    def routable_types(self) -> tuple[int, ...]:
+        return token_types.MASKING_PRESETS[self.masking]
+
+
+def mod_layer_indices(placement: str, num_layers: int, layers: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """Resolve a MoD placement strategy to layer indices (paper Table 1 baselines)."""
+    if placement == "explicit":
+        bad = [i for i in layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"MoD layer indices {bad} outside 0..{num_layers - 1}")
+        return tuple(sorted(set(layers)))
+    if placement == "arank_mod":  # official hard-coded result of ARank on Vicuna: all but {0,1,2,L-1}
+        return tuple(i for i in range(num_layers) if i not in (0, 1, 2, num_layers - 1))
+    if placement == "all":
+        return tuple(range(num_layers))
+    if placement == "every_2nd":  # official `sparse` mode: range(L)[::2]
+        return tuple(range(0, num_layers, 2))
+    if placement == "two_of_three":  # paper's "2 MoDs per 3 layers": layers 0,1 of each triple
+        return tuple(i for i in range(num_layers) if i % 3 != 2)
+    raise ValueError(f"unknown MoD placement {placement!r}; choose from {MOD_PLACEMENTS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    projector: ProjectorConfig = dataclasses.field(default_factory=ProjectorConfig)
+    text: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
+    mod: MoDConfig = dataclasses.field(default_factory=MoDConfig)
+    image_token_index: int = 32000
+    pad_token_id: int | None = None
+    dtype: str = "float32"  # compute dtype of matmuls ("float32" | "bfloat16" | "float16")
+    param_dtype: str = "float32"
+    remat: str = "none"  # "none" | "full" | "dots" (jax.checkpoint_policies.dots_saveable)
+    scan_layers: bool = True  # lax.scan per group of identical decoder layers
+
+    def __post_init__(self):
+        if self.mod.enabled:
+            bad = [i for i in self.mod.layers if not 0 <= i < self.text.num_layers]
+            if bad:
+                raise ValueError(f"mod.layers {bad} outside 0..{self.text.num_layers - 1}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
+        if self.remat not in ("none", "full", "dots"):
+            raise ValueError(f"remat must be none, full or dots, got {self.remat!r}")
+
+    @property
+    def image_seq_length(self) -> int:
+        return self.vision.num_image_tokens
+
+    @property
+    def mod_layers(self) -> tuple[int, ...]:
+        return self.mod.layers if self.mod.enabled else ()
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        sub = {"vision": VisionConfig, "projector": ProjectorConfig, "text": LlamaConfig, "mod": MoDConfig}
+        for key, klass in sub.items():
+            if key in d and isinstance(d[key], dict):
+                fields = {f.name for f in dataclasses.fields(klass)}
+                bad = set(d[key]) - fields
+                if bad:
+                    raise ValueError(f"unknown {key} config fields: {sorted(bad)}")
+                d[key] = klass(**{k: _tuple(v) if k != "rope_scaling" else _rope(v) for k, v in d[key].items()})
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        return cls.from_dict(json.loads(text))
+
+
+def _rope(value):
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return value
+    return tuple((k, _tuple(v)) for k, v in value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets. The tiny ones exercise exactly the same code as 7B.
+
+def llava_v15_7b(**mod_kw) -> ModelConfig:
+    """liuhaotian/llava-v1.5-7b (Vicuna-7B-v1.5 + CLIP-L/336, mlp2x_gelu), HF vocab 32064."""
+    return ModelConfig(
+        vision=VisionConfig(),
+        projector=ProjectorConfig(),
+        text=LlamaConfig(vocab_size=32064, rms_norm_eps=1e-5, max_position_embeddings=4096),
+        image_token_index=32000, pad_token_id=32001,
+        mod=MoDConfig(**mod_kw) if mod_kw else MoDConfig(),
+    )
+
+
+def llava_v15_13b(**mod_kw) -> ModelConfig:
+    base = llava_v15_7b(**mod_kw)
+    return base.replace(text=dataclasses.replace(base.text, hidden_size=5120, intermediate_size=13824,
+                                                 num_layers=40, num_heads=40, num_kv_heads=40))
+
+
+def gamma_mod(base: ModelConfig, placement: str = "arank_mod", routing_ratio: float = 0.5,
+              layers: tuple[int, ...] = (), **mod_kw) -> ModelConfig:
+    """Turn a dense config into its γ-MoD twin (official placement: all but layers 0,1,2,L-1)."""
+    idx = mod_layer_indices(placement, base.text.num_layers, layers)
+    return base.replace(mod=MoDConfig(enabled=True, layers=idx, routing_ratio=routing_ratio, **mod_kw))
+
+
+def tiny(**kw) -> ModelConfig:
+    """A CPU-sized LLaVA with the 7B code paths (GQA off, mlp2x_gelu, feature layer -2)."""
+    cfg = ModelConfig(
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
+                            image_size=28, patch_size=14),
+        projector=ProjectorConfig(),
+        text=LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=4,
+                         num_heads=4, num_kv_heads=4, max_position_embeddings=512),
+        image_token_index=127, pad_token_id=0,
+    )
+    return cfg.replace(**kw) if kw else cfg
