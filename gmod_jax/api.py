@@ -1,0 +1,119 @@
+"""The Python entry point: `gmod_jax.load(path)` returns a `Model` handle.
+
+Tools, tests and benchmarks all go through this handle so there is one way to run a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gmod_jax import routing
+from gmod_jax import token_types as tt
+from gmod_jax.config import ModelConfig
+from gmod_jax.models.llama import RoutingPlan
+from gmod_jax.models.llava import LlavaModel
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(config: ModelConfig, plan: RoutingPlan, with_pixels: bool):
+    module = LlavaModel(config)
+
+    def fn(params, input_ids, pixel_values, attention_mask, token_types):
+        return module.apply({"params": params}, input_ids, pixel_values if with_pixels else None,
+                            attention_mask, token_types, plan)
+
+    return jax.jit(fn)
+
+
+def routing_capacity(config: ModelConfig, token_types_np: np.ndarray, mode: str) -> int | None:
+    """Static kept-slot count for a batch, computed on the host from its token types."""
+    if not config.mod.enabled or mode == "dense":
+        return None
+    if mode == "inference" and config.mod.inference_routing == "threshold":
+        return None  # ceil(threshold_max_capacity · T), decided in the layer
+    return routing.static_keep_capacity(token_types_np, config.mod.routable_types, config.mod.routing_ratio)
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded checkpoint: `.config`, `.params` and jitted forward functions."""
+
+    config: ModelConfig
+    params: Any
+    path: str | None = None
+
+    def _inputs(self, input_ids, pixel_values, attention_mask, token_types):
+        ids = np.asarray(input_ids, dtype=np.int32)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
+        mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+        if token_types is None:
+            token_types = tt.infer_token_types(ids, self.config.image_token_index, mask)
+        types = np.asarray(token_types, dtype=np.int32)
+        if pixel_values is not None:
+            pixel_values = np.asarray(pixel_values, dtype=np.float32)
+            v = self.config.vision
+            expected = (v.image_size, v.image_size, v.num_channels)
+            if pixel_values.ndim != 4 or pixel_values.shape[1:] != expected:
+                raise ValueError(f"pixel_values must be [N, {v.image_size}, {v.image_size}, {v.num_channels}] "
+                                 f"(channels last), got {pixel_values.shape}")
+        return ids, pixel_values, mask, types
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, token_types=None,
+                mode: str = "inference", capacity: int | None = None) -> dict:
+        """Full forward. mode: "train" (top-k + masked routing, router loss), "inference"
+        (official threshold rule or capacity, per config), "dense" (MoD layers run dense).
+        Returns numpy arrays: logits float32 [B,T,V], router_loss, and for γ-MoD
+        `skip_ratio_per_layer` [n_mod] and `skip_ratio` (over MoD layers)."""
+        ids, px, mask, types = self._inputs(input_ids, pixel_values, attention_mask, token_types)
+        if capacity is None:
+            capacity = routing_capacity(self.config, types, mode)
+        plan = RoutingPlan(mode=mode, capacity=capacity)
+        fn = _jitted_apply(self.config, plan, px is not None)
+        out = jax.device_get(fn(self.params, ids, px, mask, types))
+        if "mod_kept" in out:
+            kept, tokens = out["mod_kept"].astype(np.float64), np.maximum(out["mod_tokens"], 1)
+            out["skip_ratio_per_layer"] = 1.0 - kept / tokens
+            out["skip_ratio"] = float(1.0 - kept.sum() / tokens.sum())
+        return out
+
+    def logits(self, input_ids, pixel_values=None, attention_mask=None, token_types=None) -> np.ndarray:
+        """float32 logits [B, T, V] in inference mode (dense models: the plain forward)."""
+        return self.forward(input_ids, pixel_values, attention_mask, token_types, mode="inference")["logits"]
+
+    @property
+    def num_params(self) -> int:
+        return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self.params))
+
+
+def load(path: str, dtype: str | None = None) -> Model:
+    """Load a gmod-jax checkpoint directory (written by `python -m convert`, `convert.to_mod` or
+    training's `export`). `dtype` optionally casts params ("float32", "bfloat16", "float16")."""
+    from convert.orbax_io import load_checkpoint
+
+    config, params = load_checkpoint(path)
+    if dtype is not None:
+        target = jnp.dtype(dtype)
+        params = jax.tree.map(lambda a: jnp.asarray(a, target), params)
+        config = config.replace(dtype=dtype, param_dtype=dtype)
+    else:
+        params = jax.tree.map(jnp.asarray, params)
+    return Model(config=config, params=params, path=str(path))
+
+
+def init_random(config: ModelConfig, seed: int = 0) -> Model:
+    """A randomly initialised model (tests, benchmarks, the demo's first stage)."""
+    v = config.vision
+    ids = np.zeros((1, config.image_seq_length + 2), np.int32)
+    ids[0, 1:-1] = config.image_token_index
+    px = np.zeros((1, v.image_size, v.image_size, v.num_channels), np.float32)
+    params = jax.jit(lambda r: LlavaModel(config).init(r, ids, px)["params"])(jax.random.PRNGKey(seed))
+    return Model(config=config, params=params)
