@@ -1,0 +1,295 @@
+"""Procedurally generated image-question-answer data in LLaVA's JSON format.
+
+Scenes of coloured shapes on a grid, drawn with Pillow; questions about colour, count,
+presence and position with single-word answers that follow from the scene, captions for the
+stage-1 `plain` template, and a few text-only samples (as LLaVA-665K mixes in ShareGPT). Every
+sample is a pure function of (seed, split, index), so datasets are reproducible and the
+held-out split never overlaps the training stream. The files are ordinary LLaVA data: the same
+loaders, tokenizer, TFDS builder and pipeline run on them as on LLaVA-665K.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from gmod_jax.data.templates import VICUNA_V1
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 210, 20),
+    "purple": (140, 50, 180),
+    "orange": (250, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle", "star")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+SPLIT_CODES = {"train": 0, "eval": 1}
+CAPTION_PROMPT = "Describe the image briefly."
+_SIZE_RADIUS = {"small": 0.28, "large": 0.42}  # shape radius as a share of the grid cell
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    image_size: int = 56
+    grid: int = 3  # scenes place at most one shape per cell of a grid x grid layout
+    min_objects: int = 1
+    max_objects: int = 4
+    shapes: tuple[str, ...] = SHAPES
+    colors: tuple[str, ...] = tuple(COLORS)
+    max_turns: int = 3  # question-answer turns per image
+    text_only_fraction: float = 0.05
+    question_suffix: str = ""  # e.g. "\nAnswer the question using a single word or phrase."
+
+    def __post_init__(self):
+        if not 1 <= self.min_objects <= self.max_objects <= self.grid * self.grid:
+            raise ValueError("need 1 <= min_objects <= max_objects <= grid*grid")
+        if self.max_objects > len(NUMBER_WORDS) - 1:
+            raise ValueError("max_objects too large for number words")
+        unknown = [c for c in self.colors if c not in COLORS] + [s for s in self.shapes if s not in SHAPES]
+        if unknown:
+            raise ValueError(f"unknown colours/shapes {unknown}")
+        if self.image_size < 8 * self.grid:
+            raise ValueError("image_size too small for the grid")
+
+
+def _rng(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, SPLIT_CODES[split], index])
+
+
+def make_scene(rng: np.random.Generator, config: SyntheticConfig) -> dict[str, Any]:
+    """Objects with shape, colour, size, grid cell and pixel centre/radius."""
+    cell = config.image_size / config.grid
+    n = int(rng.integers(config.min_objects, config.max_objects + 1))
+    cells = rng.choice(config.grid * config.grid, size=n, replace=False)
+    objects = []
+    for c in sorted(int(c) for c in cells):
+        row, col = divmod(c, config.grid)
+        size = str(rng.choice(list(_SIZE_RADIUS)))
+        radius = _SIZE_RADIUS[size] * cell
+        slack = max(0.0, cell / 2 - radius - 1)
+        cx = (col + 0.5) * cell + rng.uniform(-slack, slack)
+        cy = (row + 0.5) * cell + rng.uniform(-slack, slack)
+        objects.append({
+            "shape": str(rng.choice(config.shapes)),
+            "color": str(rng.choice(config.colors)),
+            "size": size,
+            "row": row, "col": col,
+            "cx": round(float(cx), 2), "cy": round(float(cy), 2), "r": round(float(radius), 2),
+        })
+    background = tuple(int(v) for v in rng.integers(225, 256, size=3))
+    return {"image_size": config.image_size, "grid": config.grid, "background": list(background), "objects": objects}
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "triangle":  # centroid at (cx, cy)
+        angles = [-90, 30, 150]
+        return [(cx + r * math.cos(math.radians(a)), cy + r * math.sin(math.radians(a))) for a in angles]
+    if shape == "star":
+        pts = []
+        for k in range(10):
+            rad = r if k % 2 == 0 else 0.45 * r
+            a = math.radians(-90 + 36 * k)
+            pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
+        return pts
+    raise ValueError(shape)
+
+
+def render_scene(scene: dict[str, Any]) -> Image.Image:
+    size = scene["image_size"]
+    img = Image.new("RGB", (size, size), tuple(scene["background"]))
+    draw = ImageDraw.Draw(img)
+    for obj in scene["objects"]:
+        cx, cy, r = obj["cx"], obj["cy"], obj["r"]
+        fill = COLORS[obj["color"]]
+        if obj["shape"] == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif obj["shape"] == "square":
+            s = r * 0.85
+            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+        else:
+            draw.polygon(_polygon(obj["shape"], cx, cy, r), fill=fill)
+    return img
+
+
+def _plural(shape: str) -> str:
+    return shape + "s"
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _questions(scene: dict[str, Any], rng: np.random.Generator, config: SyntheticConfig) -> list[tuple[str, str]]:
+    """Candidate (question, answer) pairs grouped by kind; one kind is drawn per turn."""
+    objs = scene["objects"]
+    shape_counts = {s: sum(o["shape"] == s for o in objs) for s in config.shapes}
+    color_counts = {c: sum(o["color"] == c for o in objs) for c in config.colors}
+    pairs = {(o["color"], o["shape"]) for o in objs}
+    kinds: dict[str, list[tuple[str, str]]] = {}
+
+    kinds["color"] = [(f"What color is the {s}?", next(o["color"] for o in objs if o["shape"] == s))
+                      for s, n in shape_counts.items() if n == 1]
+    kinds["count_shape"] = [(f"How many {_plural(s)} are there?", NUMBER_WORDS[n]) for s, n in shape_counts.items()]
+    kinds["count_color"] = [(f"How many {c} shapes are there?", NUMBER_WORDS[n]) for c, n in color_counts.items()]
+    present = [(f"Is there {_a(c)} {s}?", "yes") for c, s in sorted(pairs)]
+    absent = [(f"Is there {_a(c)} {s}?", "no") for c in config.colors for s in config.shapes if (c, s) not in pairs]
+    kinds["presence_yes"], kinds["presence_no"] = present, absent
+
+    unique = [o for o in objs if sum((p["color"], p["shape"]) == (o["color"], o["shape"]) for p in objs) == 1]
+    side = []
+    for o in unique:
+        mid = (config.grid - 1) / 2
+        if o["col"] != mid:  # the middle column of an odd grid is neither left nor right
+            side.append((f"Is the {o['color']} {o['shape']} on the left or the right?",
+                         "left" if o["col"] < mid else "right"))
+    kinds["left_right"] = side
+    vertical = []
+    if len(objs) >= 2:
+        rows = sorted(o["row"] for o in objs)
+        for word, row in (("top", rows[0]), ("bottom", rows[-1])):
+            at = [o for o in objs if o["row"] == row]
+            if len(at) == 1 and rows[0] != rows[-1]:
+                vertical.append((f"Which shape is at the {word}?", at[0]["shape"]))
+    kinds["top_bottom"] = vertical
+
+    available = [k for k in sorted(kinds) if kinds[k]]
+    chosen: list[tuple[str, str]] = []
+    turns = int(rng.integers(1, config.max_turns + 1))
+    for _ in range(turns):
+        kind = available[int(rng.integers(len(available)))]
+        options = [qa for qa in kinds[kind] if qa not in chosen]
+        if options:
+            chosen.append(options[int(rng.integers(len(options)))])
+    return chosen
+
+
+def caption(scene: dict[str, Any]) -> str:
+    """"A red circle and two blue squares." (groups in reading order of their first member)."""
+    groups: dict[tuple[str, str], int] = {}
+    for o in sorted(scene["objects"], key=lambda o: (o["row"], o["col"])):
+        key = (o["color"], o["shape"])
+        groups[key] = groups.get(key, 0) + 1
+    parts = [f"{_a(c)} {s}" if n == 1 else f"{NUMBER_WORDS[n]} {c} {_plural(s)}" for (c, s), n in groups.items()]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text[0].upper() + text[1:] + "."
+
+
+def _text_only(rng: np.random.Generator) -> list[tuple[str, str]]:
+    kind = int(rng.integers(3))
+    if kind == 0:
+        shape = str(rng.choice(["triangle", "square"]))
+        return [(f"How many sides does a {shape} have?", "three" if shape == "triangle" else "four")]
+    a, b = (int(x) for x in rng.integers(0, 5, size=2))
+    if kind == 1:
+        return [(f"What is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]}?", NUMBER_WORDS[a + b])]
+    if a == b:
+        b = (a + 1) % 5
+    return [(f"Which number is larger, {NUMBER_WORDS[a]} or {NUMBER_WORDS[b]}?", NUMBER_WORDS[max(a, b)])]
+
+
+def _conversation(qas: list[tuple[str, str]], image: bool, suffix: str) -> list[dict[str, str]]:
+    conv = []
+    for i, (q, a) in enumerate(qas):
+        value = q + suffix
+        if image and i == 0:
+            value = "<image>\n" + value
+        conv.append({"from": "human", "value": value})
+        conv.append({"from": "gpt", "value": a})
+    return conv
+
+
+def make_sample(seed: int, split: str, index: int, config: SyntheticConfig = SyntheticConfig()) -> dict[str, Any]:
+    """One sample as a LLaVA record plus its "scene" (and "caption"); text-only ones lack "image"."""
+    rng = _rng(seed, split, index)
+    sample_id = f"{split}-{index:06d}"
+    if rng.random() < config.text_only_fraction:
+        return {"id": sample_id, "conversations": _conversation(_text_only(rng), False, config.question_suffix)}
+    scene = make_scene(rng, config)
+    return {
+        "id": sample_id,
+        "image": f"images/{split}/{index:06d}.png",
+        "conversations": _conversation(_questions(scene, rng, config), True, config.question_suffix),
+        "scene": scene,
+        "caption": caption(scene),
+    }
+
+
+def caption_record(sample: dict[str, Any]) -> dict[str, Any]:
+    """Stage-1 (plain template) record for an image sample, LLaVA-558K style."""
+    return {
+        "id": f"cap-{sample['id']}",
+        "image": sample["image"],
+        "conversations": [{"from": "human", "value": "<image>\n" + CAPTION_PROMPT},
+                          {"from": "gpt", "value": sample["caption"]}],
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticDataset:
+    root: Path
+    image_root: Path  # image paths in the JSON files are relative to this folder
+    train_json: Path
+    eval_json: Path
+    train_captions_json: Path
+    eval_captions_json: Path
+
+
+def write_synthetic_dataset(out_dir: str | os.PathLike, num_train: int = 2000, num_eval: int = 200, seed: int = 0,
+                            config: SyntheticConfig = SyntheticConfig(), overwrite: bool = False) -> SyntheticDataset:
+    """Write PNGs and LLaVA JSON files (train/eval QA, train/eval captions) under `out_dir`.
+
+    Reuses an existing complete dataset written with the same arguments unless `overwrite`.
+    """
+    root = Path(out_dir)
+    paths = SyntheticDataset(root=root, image_root=root, train_json=root / "train.json", eval_json=root / "eval.json",
+                             train_captions_json=root / "captions_train.json",
+                             eval_captions_json=root / "captions_eval.json")
+    manifest = {"seed": seed, "num_train": num_train, "num_eval": num_eval, "config": dataclasses.asdict(config)}
+    manifest_path = root / "manifest.json"
+    if not overwrite and manifest_path.is_file() and json.loads(manifest_path.read_text()) == json.loads(
+            json.dumps(manifest)):
+        return paths
+    manifest_path.unlink(missing_ok=True)  # written last: marks a complete dataset
+    for split, n, qa_path, cap_path in (("train", num_train, paths.train_json, paths.train_captions_json),
+                                        ("eval", num_eval, paths.eval_json, paths.eval_captions_json)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        samples = [make_sample(seed, split, i, config) for i in range(n)]
+        for s in samples:
+            if "image" in s:
+                render_scene(s["scene"]).save(root / s["image"], format="PNG")
+        qa = [{k: v for k, v in s.items() if k != "caption"} for s in samples]
+        caps = [caption_record(s) for s in samples if "image" in s]
+        qa_path.write_text(json.dumps(qa, indent=1) + "\n")
+        cap_path.write_text(json.dumps(caps, indent=1) + "\n")
+    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return paths
+
+
+def synthetic_texts(num_samples: int = 2000, seed: int = 0, config: SyntheticConfig = SyntheticConfig()) -> list[str]:
+    """Texts for training the synthetic SentencePiece model: everything the templates will emit.
+
+    Covers the vicuna_v1 system prompt and role tags, every question form, all answers and
+    captions of `num_samples` training scenes, and the full colour/shape/number vocabulary.
+    """
+    # The fixed prompt parts occur in every sample: weight them like it, so that they get
+    # whole-word pieces and the tiny model's sequences stay short.
+    fixed = [VICUNA_V1.system, f"{VICUNA_V1.roles[0]}: ", f" {VICUNA_V1.roles[1]}:", CAPTION_PROMPT,
+             config.question_suffix.strip()]
+    texts = fixed * max(1, num_samples // 4)
+    texts += list(config.colors) + [s for s in config.shapes] + [_plural(s) for s in config.shapes]
+    texts += list(NUMBER_WORDS) + ["yes", "no", "left", "right", "top", "bottom"]
+    for i in range(num_samples):
+        sample = make_sample(seed, "train", i, config)
+        texts += [t["value"].replace("<image>\n", "") for t in sample["conversations"]]
+        if "caption" in sample:
+            texts.append(sample["caption"])
+    return [t for t in texts if t]
