@@ -1,0 +1,539 @@
+"""Key layouts of LLaVA-family PyTorch checkpoints and their map onto the Flax parameter tree.
+
+Every on-disk key is first rewritten to one canonical name (HF 5.x module names without the
+`model.` wrappers: `language_model.*`, `lm_head.*`, `multi_modal_projector.linear_{i}.*`,
+`vision_tower.*`), so one table serves all layouts. The table is generated from the
+`ModelConfig`: the expected canonical keys with their PyTorch shapes, Flax path, layer slot and
+transform. Validating a checkpoint is then set arithmetic plus shape/dtype comparison, done
+entirely on headers before any tensor data is read.
+
+Layouts (checkpoint-formats.md §1.2, §2, §5):
+  A  transformers 4.x files        language_model.model.*, language_model.lm_head, vision_tower.vision_model.*
+  B  transformers 4.52+ in memory  model.language_model.*, lm_head, model.vision_tower.vision_model.*
+  C  transformers 5.x in memory    model.language_model.*, lm_head, model.vision_tower.*
+  D  transformers 5.x saved        language_model.model.*, language_model.lm_head, vision_tower.*
+  E  original LLaVA                model.*, lm_head, model.mm_projector.{0,2}, tower absent or
+                                   model.vision_tower.vision_tower.vision_model.*
+  gamma_mod                        E + model.layers.N.router.weight (one shared router)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from typing import Callable, Iterable
+
+import ml_dtypes
+import numpy as np
+
+from convert.errors import ConversionError, UnsupportedFormatError
+from convert.readers import CheckpointReader, TensorEntry
+from gmod_jax.config import ModelConfig
+
+LAYOUTS = {
+    "A": "HF transformers 4.x files (language_model.model.*, vision_tower.vision_model.*)",
+    "B": "HF transformers 4.52-4.57 state_dict (model.language_model.*, model.vision_tower.vision_model.*)",
+    "C": "HF transformers 5.x state_dict (model.language_model.*, model.vision_tower.*)",
+    "D": "HF transformers 5.x save_pretrained (language_model.model.*, vision_tower.*)",
+    "E": "original LLaVA (model.*, model.mm_projector.*)",
+    "gamma_mod": "γ-MoD mod_llava_llama (original LLaVA keys + shared model.layers.N.router.weight)",
+}
+HF_LAYOUTS = ("A", "B", "C", "D")
+
+ROUTER_RE = re.compile(r"^language_model\.layers\.(\d+)\.router\.weight$")
+_LAYER_RE = re.compile(r"^(language_model\.layers|vision_tower\.encoder\.layers)\.(\d+)\.")
+_CLIP_SKIP = ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
+_CLIP_BARE = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
+
+
+# ----------------------------------------------------------------------------------------------
+# transforms: PyTorch tensor <-> Flax slot
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where one canonical PyTorch tensor goes: Flax leaf path, layer slot, transform, shapes."""
+
+    path: tuple[str, ...]
+    layer: int | None
+    kind: str  # copy | linear | heads_in | heads_out | head_bias | conv
+    torch_shape: tuple[int, ...]
+    heads: int = 0
+    head_dim: int = 0
+
+    def to_flax(self, a: np.ndarray) -> np.ndarray:
+        """A view where possible: the copy happens when it is assigned into the stacked leaf."""
+        if self.kind == "copy":
+            return a
+        if self.kind == "linear":
+            return a.T
+        if self.kind == "heads_in":  # [H*hd, E] -> [E, H, hd]
+            return a.reshape(self.heads, self.head_dim, a.shape[1]).transpose(2, 0, 1)
+        if self.kind == "heads_out":  # [E, H*hd] -> [H, hd, E]
+            return a.reshape(a.shape[0], self.heads, self.head_dim).transpose(1, 2, 0)
+        if self.kind == "head_bias":
+            return a.reshape(self.heads, self.head_dim)
+        if self.kind == "conv":  # OIHW -> HWIO
+            return a.transpose(2, 3, 1, 0)
+        raise AssertionError(self.kind)
+
+    def to_torch(self, a: np.ndarray) -> np.ndarray:
+        if self.kind == "copy":
+            out = a
+        elif self.kind == "linear":
+            out = a.T
+        elif self.kind == "heads_in":
+            out = a.transpose(1, 2, 0).reshape(self.heads * self.head_dim, a.shape[0])
+        elif self.kind == "heads_out":
+            out = a.transpose(2, 0, 1).reshape(a.shape[2], self.heads * self.head_dim)
+        elif self.kind == "head_bias":
+            out = a.reshape(-1)
+        elif self.kind == "conv":
+            out = a.transpose(3, 2, 0, 1)
+        else:
+            raise AssertionError(self.kind)
+        return np.ascontiguousarray(out)
+
+    @property
+    def flax_shape(self) -> tuple[int, ...]:
+        return self.to_flax(np.broadcast_to(np.zeros((), np.int8), self.torch_shape)).shape
+
+
+def expected_keys(config: ModelConfig) -> dict[str, Target]:
+    """Every canonical key a checkpoint of `config` must contain (router excluded, see `router_target`)."""
+    v, t = config.vision, config.text
+    keys: dict[str, Target] = {}
+
+    def add(name, path, shape, kind="copy", layer=None, heads=0, head_dim=0):
+        keys[name] = Target(tuple(path.split("/")), layer, kind, tuple(shape), heads, head_dim)
+
+    dv, fv, hv, hdv = v.hidden_size, v.intermediate_size, v.num_heads, v.head_dim
+    p = "vision_tower."
+    add(p + "embeddings.patch_embedding.weight", "vision/patch_embed/kernel",
+        (dv, v.num_channels, v.patch_size, v.patch_size), "conv")
+    add(p + "embeddings.class_embedding", "vision/cls", (dv,))
+    add(p + "embeddings.position_embedding.weight", "vision/pos_embed", (v.num_patches + 1, dv))
+    for ln, name in (("pre_layrnorm", "pre_ln"), ("post_layernorm", "post_ln")):
+        add(f"{p}{ln}.weight", f"vision/{name}/scale", (dv,))
+        add(f"{p}{ln}.bias", f"vision/{name}/bias", (dv,))
+    for n in range(v.num_layers):
+        q = f"{p}encoder.layers.{n}."
+        for ln in ("1", "2"):
+            add(f"{q}layer_norm{ln}.weight", f"vision/layers/ln{ln}/scale", (dv,), layer=n)
+            add(f"{q}layer_norm{ln}.bias", f"vision/layers/ln{ln}/bias", (dv,), layer=n)
+        for proj in "qkv":
+            add(f"{q}self_attn.{proj}_proj.weight", f"vision/layers/attn/{proj}/kernel", (hv * hdv, dv),
+                "heads_in", n, hv, hdv)
+            add(f"{q}self_attn.{proj}_proj.bias", f"vision/layers/attn/{proj}/bias", (hv * hdv,),
+                "head_bias", n, hv, hdv)
+        add(f"{q}self_attn.out_proj.weight", "vision/layers/attn/o/kernel", (dv, hv * hdv), "heads_out", n, hv, hdv)
+        add(f"{q}self_attn.out_proj.bias", "vision/layers/attn/o/bias", (dv,), layer=n)
+        add(f"{q}mlp.fc1.weight", "vision/layers/fc1/kernel", (fv, dv), "linear", n)
+        add(f"{q}mlp.fc1.bias", "vision/layers/fc1/bias", (fv,), layer=n)
+        add(f"{q}mlp.fc2.weight", "vision/layers/fc2/kernel", (dv, fv), "linear", n)
+        add(f"{q}mlp.fc2.bias", "vision/layers/fc2/bias", (dv,), layer=n)
+
+    d, f, h, kv, hd = t.hidden_size, t.intermediate_size, t.num_heads, t.num_kv_heads, t.head_dim
+    d_in = dv * len(v.feature_layers)
+    for i in range(1, config.projector.depth + 1):
+        add(f"multi_modal_projector.linear_{i}.weight", f"projector/fc{i}/kernel", (d, d_in if i == 1 else d), "linear")
+        if config.projector.bias:
+            add(f"multi_modal_projector.linear_{i}.bias", f"projector/fc{i}/bias", (d,))
+
+    add("language_model.embed_tokens.weight", "llm/embed", (t.vocab_size, d))
+    for n in range(t.num_layers):
+        q = f"language_model.layers.{n}."
+        add(q + "input_layernorm.weight", "llm/layers/attn_norm/scale", (d,), layer=n)
+        add(q + "post_attention_layernorm.weight", "llm/layers/mlp_norm/scale", (d,), layer=n)
+        for proj, nh in (("q", h), ("k", kv), ("v", kv)):
+            add(f"{q}self_attn.{proj}_proj.weight", f"llm/layers/attn/{proj}/kernel", (nh * hd, d), "heads_in",
+                n, nh, hd)
+            if t.attention_bias:
+                add(f"{q}self_attn.{proj}_proj.bias", f"llm/layers/attn/{proj}/bias", (nh * hd,), "head_bias",
+                    n, nh, hd)
+        add(q + "self_attn.o_proj.weight", "llm/layers/attn/o/kernel", (d, h * hd), "heads_out", n, h, hd)
+        if t.attention_bias:
+            add(q + "self_attn.o_proj.bias", "llm/layers/attn/o/bias", (d,), layer=n)
+        for proj, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
+            add(f"{q}mlp.{proj}_proj.weight", f"llm/layers/mlp/{proj}/kernel", shape, "linear", n)
+            if t.mlp_bias:
+                add(f"{q}mlp.{proj}_proj.bias", f"llm/layers/mlp/{proj}/bias", (shape[0],), layer=n)
+    add("language_model.norm.weight", "llm/final_norm/scale", (d,))
+    if not t.tie_word_embeddings:
+        add("lm_head.weight", "llm/lm_head/kernel", (t.vocab_size, d), "linear")
+    return keys
+
+
+def router_target(config: ModelConfig) -> Target:
+    return Target(("llm", "mod_router", "kernel"), None, "linear", (2, config.text.hidden_size))
+
+
+def leaf_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Shape of every Flax leaf (stacked leaves get the leading layer axis)."""
+    shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
+    counts = {"vision": config.vision.num_layers, "llm": config.text.num_layers}
+    for target in expected_keys(config).values():
+        lead = (counts[target.path[0]],) if target.layer is not None else ()
+        shapes[target.path] = lead + target.flax_shape
+    if config.mod.enabled:
+        shapes[router_target(config).path] = router_target(config).flax_shape
+    return shapes
+
+
+# ----------------------------------------------------------------------------------------------
+# layouts
+
+def check_supported(keys: Iterable[str]):
+    """Raise UnsupportedFormatError for weights of LLaVA-HR, MGM or LLaVA-1.6."""
+    for k in keys:
+        if any(s in k for s in ("fast_vision_tower", "slow_vision_tower", "align_stages")):
+            raise UnsupportedFormatError(
+                f"LLaVA-HR multi-path vision tower weights ({k}) are not supported yet: the converter and model lack "
+                "the ConvNeXt slow tower and the MR-Adapter fusion")
+        if "vision_tower_aux" in k or "vlm_uni_" in k:
+            raise UnsupportedFormatError(
+                f"Mini-Gemini weights ({k}) are not supported yet: the converter and model lack the ConvNeXt aux tower "
+                "and the patch-info-mining resampler")
+        if k.endswith("image_newline"):
+            raise UnsupportedFormatError(f"LLaVA-1.6 any-resolution weights ({k}) are not supported yet")
+
+
+def detect_layout(keys: Iterable[str], kind: str) -> str:
+    """Layout letter of an LLaVA checkpoint's keys; `kind` is the config kind (hf_config.KIND_*)."""
+    keys = list(keys)
+    check_supported(keys)
+    hf_saved = any(k.startswith(("language_model.model.", "language_model.lm_head.")) for k in keys)
+    hf_memory = any(k.startswith("model.language_model.") for k in keys)
+    original = any(k.startswith(("model.layers.", "model.embed_tokens.", "model.mm_projector.")) for k in keys)
+    found = [name for name, hit in (("HF 4.x/5.x saved", hf_saved), ("HF in-memory", hf_memory),
+                                    ("original LLaVA", original)) if hit]
+    if len(found) != 1:
+        sample = ", ".join(sorted(keys)[:8])
+        raise ConversionError(
+            f"unknown checkpoint layout ({'mixes ' + ' and '.join(found) if found else 'no LLaVA key prefixes'}); "
+            f"first keys: {sample}")
+    if original:
+        if kind == "hf_llava":
+            raise ConversionError("config.json is an HF LlavaConfig but the weights use original-LLaVA keys "
+                                  "(model.layers.*, model.mm_projector.*)")
+        return "gamma_mod" if kind == "gamma_mod" else "E"
+    if kind != "hf_llava":
+        raise ConversionError(f"config.json is an original-LLaVA/γ-MoD config but the weights use HF LLaVA keys")
+    if hf_saved:
+        return "A" if any(k.startswith("vision_tower.vision_model.") for k in keys) else "D"
+    return "B" if any(k.startswith("model.vision_tower.vision_model.") for k in keys) else "C"
+
+
+def is_dropped(key: str) -> bool:
+    """Buffers that are recomputed, never parameters."""
+    return key.endswith(".position_ids") or key.endswith("rotary_emb.inv_freq")
+
+
+def canonical_key(key: str, layout: str) -> str:
+    if layout in HF_LAYOUTS:
+        k = key
+        if k.startswith("model.") and k[6:].startswith(("language_model.", "vision_tower.", "multi_modal_projector.")):
+            k = k[6:]
+        if k.startswith("language_model.model."):
+            k = "language_model." + k[len("language_model.model."):]
+        elif k.startswith("language_model.lm_head."):
+            k = k[len("language_model."):]
+        if k.startswith("vision_tower.vision_model."):
+            k = "vision_tower." + k[len("vision_tower.vision_model."):]
+        return k
+    if layout in ("E", "gamma_mod"):
+        if key.startswith("model.vision_tower.vision_tower.vision_model."):
+            return "vision_tower." + key[len("model.vision_tower.vision_tower.vision_model."):]
+        if key.startswith("model.mm_projector."):
+            rest = key[len("model.mm_projector."):]
+            if rest in ("weight", "bias"):  # mm_projector_type "linear": a bare nn.Linear
+                return f"multi_modal_projector.linear_1.{rest}"
+            index, _, param = rest.partition(".")
+            if index.isdigit() and int(index) % 2 == 0:  # Sequential(Linear, GELU, Linear, ...)
+                return f"multi_modal_projector.linear_{int(index) // 2 + 1}.{param}"
+            return "multi_modal_projector.?" + rest
+        if key.startswith("model."):
+            return "language_model." + key[len("model."):]
+        return key
+    raise AssertionError(layout)
+
+
+def canonical_clip_key(key: str) -> str | None:
+    """Key of a standalone CLIP checkpoint (CLIPModel `vision_model.*`, or a 5.x CLIPVisionModel's
+    bare keys) -> canonical; None for the text tower and heads LLaVA does not use."""
+    if key.startswith(_CLIP_SKIP):
+        return None
+    if key.startswith("vision_model."):
+        return "vision_tower." + key[len("vision_model."):]
+    if key.startswith(_CLIP_BARE):
+        return "vision_tower." + key
+    return "vision_tower.?" + key
+
+
+def to_layout_key(canonical: str, layout: str) -> str:
+    """Canonical key -> the on-disk name in layout D (HF export) or gamma_mod/E (original export)."""
+    if layout == "D":
+        if canonical.startswith("language_model."):
+            return "language_model.model." + canonical[len("language_model."):]
+        if canonical.startswith("lm_head."):
+            return "language_model." + canonical
+        return canonical
+    if layout in ("E", "gamma_mod"):
+        if canonical.startswith("vision_tower."):
+            return "model.vision_tower.vision_tower.vision_model." + canonical[len("vision_tower."):]
+        m = re.match(r"^multi_modal_projector\.linear_(\d+)\.(.+)$", canonical)
+        if m:
+            return f"model.mm_projector.{2 * (int(m.group(1)) - 1)}.{m.group(2)}"
+        if canonical.startswith("language_model."):
+            return "model." + canonical[len("language_model."):]
+        return canonical
+    raise ValueError(f"cannot write layout {layout!r}")
+
+
+def export_key(config: ModelConfig, canonical: str, layout: str) -> str:
+    """`to_layout_key`, except that an original-LLaVA `linear` projector is a bare nn.Linear."""
+    if layout in ("E", "gamma_mod") and config.projector.type == "linear" and canonical.startswith(
+            "multi_modal_projector.linear_1."):
+        return "model.mm_projector." + canonical.rsplit(".", 1)[1]
+    return to_layout_key(canonical, layout)
+
+
+# ----------------------------------------------------------------------------------------------
+# plan
+
+@dataclasses.dataclass
+class Piece:
+    reader: CheckpointReader
+    key: str
+    target: Target
+
+
+@dataclasses.dataclass
+class LeafPlan:
+    path: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    pieces: list[Piece]
+    # (reader, key) pairs whose raw tensors must be bit-identical to pieces[0]'s (shared router
+    # copies, an lm_head stored although embeddings are tied).
+    same_as_first: list[tuple[CheckpointReader, str]] = dataclasses.field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+@dataclasses.dataclass
+class Plan:
+    layout: str
+    leaves: list[LeafPlan]
+    dtype: str  # the converted tree's dtype
+    source_bytes: int  # bytes of tensor data that will be read
+    uses_tower_dir: bool = False  # tower weights come from --vision-tower
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def num_params(self) -> int:
+        return sum(int(np.prod(l.shape, dtype=np.int64)) for l in self.leaves)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(l.nbytes for l in self.leaves)
+
+
+DTYPE_POLICIES = ("keep", "float32", "bfloat16", "float16")
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def build_plan(config: ModelConfig, main: CheckpointReader, layout: str, tower: CheckpointReader | None = None,
+               dtype: str = "keep") -> Plan:
+    """Validate the checkpoint against `config` (headers only) and decide where every tensor goes.
+
+    Raises ConversionError listing every missing / unexpected / mis-shaped / mis-typed key at once.
+    """
+    if dtype not in DTYPE_POLICIES:
+        raise ConversionError(f"--dtype must be one of {DTYPE_POLICIES}, got {dtype!r}")
+    sources: dict[str, tuple[CheckpointReader, TensorEntry]] = {}
+    problems: list[str] = []
+    duplicates = []
+
+    def collect(reader: CheckpointReader, canon_fn: Callable[[str], str | None]):
+        for key, entry in reader.entries.items():
+            if is_dropped(key):
+                continue
+            canon = canon_fn(key)
+            if canon is None:
+                continue
+            if canon in sources:
+                other_reader, other = sources[canon]
+                duplicates.append(f"{key} ({reader.path}) duplicates {other.key} ({other_reader.path})")
+                continue
+            sources[canon] = (reader, entry)
+
+    collect(main, lambda k: canonical_key(k, layout))
+    main_has_tower = any(c.startswith("vision_tower.") for c in sources)
+    notes = []
+    if tower is not None:
+        if main_has_tower:
+            # The checkpoint's own (possibly fine-tuned) tower wins; the directory still supplied
+            # the tower's config.
+            notes.append(f"vision tower weights taken from {main.path}; only the config of {tower.path} was used")
+            tower = None
+        else:
+            collect(tower, canonical_clip_key)
+    if duplicates:
+        problems.append(f"duplicate tensors: {_names(duplicates)}")
+
+    expected = expected_keys(config)
+    routers = {c: s for c, s in sources.items() if ROUTER_RE.match(c)}
+    present = {c: s for c, s in sources.items() if c not in routers}
+    tied_head = None
+    if config.text.tie_word_embeddings and "lm_head.weight" in present:
+        tied_head = present.pop("lm_head.weight")
+
+    missing = [c for c in expected if c not in present]
+    unexpected = [c for c in present if c not in expected]
+    if missing:
+        if all(c.startswith("vision_tower.") for c in missing) and not any(
+                c.startswith("vision_tower.") for c in present) and layout in ("E", "gamma_mod"):
+            problems.append("the checkpoint has no vision tower (original LLaVA loads it separately): pass "
+                            "--vision-tower DIR with the CLIP checkpoint (e.g. openai/clip-vit-large-patch14-336)")
+        else:
+            names = [_source_name(config, c, layout) for c in missing]
+            problems.append(f"missing keys ({len(missing)}): {_names(names)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_names([present[c][1].key for c in unexpected])}")
+    problems += _layer_count_hints(config, present)
+
+    router_pieces: list[tuple[int, CheckpointReader, TensorEntry]] = []
+    if routers and not config.mod.enabled:
+        problems.append(f"unexpected keys: MoD router weights {_names([s[1].key for s in routers.values()])} in a "
+                        "checkpoint whose config has no enabled `mod`")
+    elif config.mod.enabled:
+        if not routers:
+            problems.append(f"missing keys: the γ-MoD router (model.layers.{config.mod.layers[0]}.router.weight)")
+        for c, (reader, entry) in sorted(routers.items(), key=lambda kv: int(ROUTER_RE.match(kv[0]).group(1))):
+            index = int(ROUTER_RE.match(c).group(1))
+            if index not in config.mod.layers:
+                problems.append(f"router {entry.key} sits on layer {index}, which is not in mod.mod_layers_idx "
+                                f"{list(config.mod.layers)}")
+            router_pieces.append((index, reader, entry))
+
+    mismatched = []
+    for c, (reader, entry) in present.items():
+        if c in expected and entry.shape != expected[c].torch_shape:
+            mismatched.append(f"{entry.key}: file {list(entry.shape)}, config expects {list(expected[c].torch_shape)}")
+    rt = router_target(config)
+    for _, reader, entry in router_pieces:
+        if entry.shape != rt.torch_shape:
+            mismatched.append(f"{entry.key}: file {list(entry.shape)}, config expects {list(rt.torch_shape)}")
+    if tied_head is not None and tied_head[1].shape != expected["language_model.embed_tokens.weight"].torch_shape:
+        mismatched.append(f"{tied_head[1].key}: shape {list(tied_head[1].shape)} differs from the tied embedding")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {_names(mismatched)}")
+    if problems:
+        raise ConversionError("checkpoint does not match its config:\n  - " + "\n  - ".join(problems))
+
+    # Group pieces into Flax leaves.
+    grouped: dict[tuple[str, ...], list[Piece]] = collections.defaultdict(list)
+    for c, target in expected.items():
+        reader, entry = present[c]
+        grouped[target.path].append(Piece(reader, entry.key, target))
+    checks: dict[tuple[str, ...], list] = collections.defaultdict(list)
+    if router_pieces:
+        first = router_pieces[0]
+        grouped[rt.path].append(Piece(first[1], first[2].key, rt))
+        checks[rt.path] = [(reader, entry.key) for _, reader, entry in router_pieces[1:]]
+    if tied_head is not None:
+        checks[expected["language_model.embed_tokens.weight"].path].append((tied_head[0], tied_head[1].key))
+
+    leaf_dtype = _leaf_dtypes(grouped, dtype)
+    shapes = leaf_shapes(config)
+    leaves = []
+    for path, pieces in grouped.items():
+        leaves.append(LeafPlan(path, shapes[path], leaf_dtype[path], pieces, checks.get(path, [])))
+    # Read order follows storage order so each batch walks the files front to back.
+    rank = {id(main): 0, id(tower): 1}
+    leaves.sort(key=lambda l: min((rank[id(p.reader)],) + p.reader.position(p.key) for p in l.pieces))
+    source_bytes = sum(p.reader.entries[p.key].nbytes for l in leaves for p in l.pieces)
+    out_dtype = leaf_dtype[("llm", "embed")].name
+    return Plan(layout, leaves, out_dtype, source_bytes, tower is not None, notes)
+
+
+def _leaf_dtypes(grouped: dict[tuple[str, ...], list[Piece]], policy: str) -> dict[tuple[str, ...], np.dtype]:
+    """Per-leaf dtype under the policy; `keep` requires one floating dtype for the whole checkpoint."""
+    by_dtype: dict[np.dtype, list[str]] = collections.defaultdict(list)
+    for pieces in grouped.values():
+        for p in pieces:
+            by_dtype[p.reader.entries[p.key].dtype].append(p.key)
+    bad = {dt: keys for dt, keys in by_dtype.items() if not _is_float(dt)}
+    if bad:
+        listing = "; ".join(f"{dt.name}: {_names(keys)}" for dt, keys in bad.items())
+        raise ConversionError(f"non-floating tensors where parameters are expected: {listing}")
+    if policy == "keep":
+        if len(by_dtype) > 1:
+            main = max(by_dtype, key=lambda dt: len(by_dtype[dt]))
+            odd = "; ".join(f"{dt.name}: {_names(keys)}" for dt, keys in by_dtype.items() if dt != main)
+            raise ConversionError(
+                f"--dtype keep needs one dtype, but the checkpoint is mostly {main.name} with {odd}; pass --dtype "
+                "float32, bfloat16 or float16")
+        (only,) = by_dtype
+        if only.name not in PARAM_DTYPES:
+            raise ConversionError(f"--dtype keep: {only.name} parameters are not supported; pass --dtype float32, "
+                                  "bfloat16 or float16")
+        target = only
+    else:
+        target = np.dtype(_np_dtype(policy))
+    return {path: target for path in grouped}
+
+
+def _np_dtype(name: str):
+    return {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[name]
+
+
+def _is_float(dt: np.dtype) -> bool:
+    return dt.kind == "f" or dt.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+
+def _layer_count_hints(config: ModelConfig, present: dict) -> list[str]:
+    hints = []
+    found: dict[str, set[int]] = collections.defaultdict(set)
+    for c in present:
+        m = _LAYER_RE.match(c)
+        if m:
+            found[m.group(1)].add(int(m.group(2)))
+    for prefix, configured, field in (("language_model.layers", config.text.num_layers, "text num_hidden_layers"),
+                                      ("vision_tower.encoder.layers", config.vision.num_layers,
+                                       "vision num_hidden_layers")):
+        if found.get(prefix) and max(found[prefix]) + 1 != configured:
+            hints.append(f"config.json says {field}={configured} but the checkpoint has layers "
+                         f"0..{max(found[prefix])}")
+    return hints
+
+
+def _source_name(config: ModelConfig, canonical: str, layout: str) -> str:
+    """Name a missing canonical key the way the user's files would spell it."""
+    if layout in ("E", "gamma_mod"):
+        return export_key(config, canonical, layout)
+    return {"A": _to_a, "B": _to_b, "C": _to_c, "D": lambda c: to_layout_key(c, "D")}[layout](canonical)
+
+
+def _to_a(c: str) -> str:
+    if c.startswith("vision_tower."):
+        return "vision_tower.vision_model." + c[len("vision_tower."):]
+    return to_layout_key(c, "D")
+
+
+def _to_c(c: str) -> str:
+    return c if c.startswith("lm_head.") else "model." + c
+
+
+def _to_b(c: str) -> str:
+    if c.startswith("vision_tower."):
+        return "model.vision_tower.vision_model." + c[len("vision_tower."):]
+    return _to_c(c)
+
+
+def _names(keys: list[str], limit: int = 10) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown

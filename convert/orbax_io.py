@@ -1,0 +1,172 @@
+"""The on-disk checkpoint of this project: Orbax params + `config.json` + tokenizer files.
+
+Layout of a checkpoint directory `<out>`:
+  params/             Orbax pytree checkpoint of the Flax params (numpy leaves, exact dtypes)
+  config.json         `ModelConfig.to_json()`
+  conversion.json     provenance written by the converter (optional)
+  tokenizer files     tokenizer.model / tokenizer.json / ... copied from the source
+
+Writes are atomic: everything goes to `<out>.tmp-XXXX` next to `<out>` and is renamed into place
+only after the last byte is written; on any exception the temp dir is removed and `<out>` is
+never created. Params may be written in several batches (Orbax partial saves) so a converter can
+stream a model larger than RAM: each batch is freed once saved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from gmod_jax.config import ModelConfig
+
+PARAMS_DIR = "params"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "preprocessor_config.json", "processor_config.json")
+TOKENIZER_GLOBS = ("chat_template*",)
+
+
+def _ocp_v1():
+    # Orbax logs every partial save at INFO through absl; a conversion would print pages of it.
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    from orbax.checkpoint import v1 as ocp_v1
+
+    return ocp_v1
+
+
+def _save_context(ocp):
+    """Orbax options that keep a save's extra memory near zero.
+
+    By default Orbax deep-copies host arrays before its (here synchronous) write and zstd-
+    compresses chunks; measured on a 1.9 GB bf16 model that doubled the batch in RAM and left
+    ~1 GB of compression buffers resident, while saving <10% disk on weights. Both are off.
+    """
+    ctx = ocp.Context()
+    ctx.array.saving.use_compression = False
+    ctx.memory.deepcopy_host_arrays = False
+    return ctx
+
+
+def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
+    src, dst = Path(src_dir), Path(dst_dir)
+    names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    for pattern in TOKENIZER_GLOBS:
+        names += sorted(p.name for p in src.glob(pattern) if p.is_file())
+    for name in names:
+        shutil.copy2(src / name, dst / name)
+    return names
+
+
+def nest(flat: dict[tuple[str, ...], np.ndarray]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, prefix + (key,)))
+        else:
+            out[prefix + (key,)] = value
+    return out
+
+
+class CheckpointWriter:
+    """Context manager that builds `<out>` in a temp dir and renames it into place on success."""
+
+    def __init__(self, out_dir: str | os.PathLike, overwrite: bool = False):
+        self.out = Path(out_dir).absolute()
+        self.overwrite = overwrite
+        self.tmp: Path | None = None
+        self._params_batches = 0
+
+    def __enter__(self) -> "CheckpointWriter":
+        if self.out.exists() and not self.overwrite:
+            raise FileExistsError(f"{self.out} already exists (pass overwrite / --overwrite to replace it)")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=self.out.name + ".tmp-", dir=self.out.parent))
+        return self
+
+    def save_params(self, params: dict):
+        """Add a (partial) params tree; leaves must not repeat across calls."""
+        if not params:
+            return
+        ocp = _ocp_v1()
+        with _save_context(ocp):
+            ocp.partial.save(self.tmp / PARAMS_DIR, params)
+        self._params_batches += 1
+
+    def write_config(self, config: ModelConfig):
+        (self.tmp / CONFIG_FILE).write_text(config.to_json() + "\n")
+
+    def write_json(self, name: str, obj):
+        (self.tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+    def copy_tokenizer(self, src_dir) -> list[str]:
+        return copy_tokenizer_files(src_dir, self.tmp)
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        try:
+            if not self._params_batches:
+                raise ValueError("no params were saved")
+            if not (self.tmp / CONFIG_FILE).is_file():
+                raise ValueError("no config.json was written")
+            _ocp_v1().partial.finalize(self.tmp / PARAMS_DIR)
+            if self.out.exists():  # overwrite: swap, then delete the old one
+                trash = Path(tempfile.mkdtemp(prefix=self.out.name + ".old-", dir=self.out.parent))
+                os.rename(self.out, trash / "old")
+                os.rename(self.tmp, self.out)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.rename(self.tmp, self.out)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        return False
+
+
+def save_checkpoint(out_dir: str | os.PathLike, params: dict, config: ModelConfig,
+                    tokenizer_src_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Save a params tree (numpy or jax arrays) with its config, atomically."""
+    params = _to_numpy(params)
+    with CheckpointWriter(out_dir, overwrite) as writer:
+        writer.save_params(params)
+        writer.write_config(config)
+        if tokenizer_src_dir is not None:
+            writer.copy_tokenizer(tokenizer_src_dir)
+    return writer.out
+
+
+def _to_numpy(tree):
+    if isinstance(tree, dict):
+        return {k: _to_numpy(v) for k, v in tree.items()}
+    return np.asarray(tree)
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    return ModelConfig.from_json((Path(path) / CONFIG_FILE).read_text())
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
+    """(config, params) with numpy leaves in the dtypes they were saved in."""
+    path = Path(path)
+    if not (path / PARAMS_DIR).is_dir():
+        raise FileNotFoundError(f"{path} is not a gmod-jax checkpoint (no {PARAMS_DIR}/ directory)")
+    config = load_config(path)
+    params = _ocp_v1().load(path / PARAMS_DIR)
+    return config, _to_numpy(params)
