@@ -89,6 +89,19 @@ class Model:
         """float32 logits [B, T, V] in inference mode (dense models: the plain forward)."""
         return self.forward(input_ids, pixel_values, attention_mask, token_types, mode="inference")["logits"]
 
+    def generate(self, prompts, **kwargs):
+        """Batched generation from [{"image": path|bytes|PIL|None, "text": str}, ...] with the
+        KV-cache decoder; see `gmod_jax.inference.generate.generate` for the options."""
+        from gmod_jax.inference.generate import generate
+
+        return generate(self, prompts, **kwargs)
+
+    def generate_ids(self, input_ids_list, pixel_values=None, **kwargs):
+        """Generation from token ids; see `gmod_jax.inference.generate.generate_ids`."""
+        from gmod_jax.inference.generate import generate_ids
+
+        return generate_ids(self, input_ids_list, pixel_values, **kwargs)
+
     @property
     def num_params(self) -> int:
         return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self.params))
@@ -110,10 +123,9 @@ def load(path: str, dtype: str | None = None) -> Model:
 
 
 def init_random(config: ModelConfig, seed: int = 0) -> Model:
-    """A randomly initialised model (tests, benchmarks, the demo's first stage)."""
-    v = config.vision
-    ids = np.zeros((1, config.image_seq_length + 2), np.int32)
-    ids[0, 1:-1] = config.image_token_index
-    px = np.zeros((1, v.image_size, v.image_size, v.num_channels), np.float32)
-    params = jax.jit(lambda r: LlavaModel(config).init(r, ids, px)["params"])(jax.random.PRNGKey(seed))
-    return Model(config=config, params=params)
+    """A randomly initialised model (tests, benchmarks, the demo's first stage).
+
+    Uses the "rbg" PRNG: threefry's unrolled hashing made compiling the init of every stacked
+    param take several times longer on CPU; rbg is deterministic for a given backend."""
+    init = jax.jit(lambda key: LlavaModel(config).init(key, method=LlavaModel.declare_params)["params"])
+    return Model(config=config, params=init(jax.random.key(seed, impl="rbg")))

@@ -1,0 +1,11 @@
+"""Generation with MoD-aware KV caches: jitted bucketed prefill, while_loop decode, reference.
+
+The prompt-level API is `gmod_jax.inference.generate.generate`; it is not re-exported here so
+that `gmod_jax.inference.generate` stays the module, not a function of the same name.
+"""
+
+from gmod_jax.inference.generate import GenerationOutput, generate_ids
+from gmod_jax.inference.kv_cache import KVCache
+from gmod_jax.inference.reference import ReferenceOutput, reference_generate
+
+__all__ = ["GenerationOutput", "KVCache", "ReferenceOutput", "generate_ids", "reference_generate"]

@@ -1,7 +1,6 @@
 """Feed-forward blocks over explicit params."""
 
 import jax
-import jax.numpy as jnp
 
 from gmod_jax.layers.attention import project
 

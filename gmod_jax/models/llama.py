@@ -15,7 +15,6 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from gmod_jax import routing
 from gmod_jax.config import ModelConfig
@@ -166,16 +165,23 @@ def attention_block(config: ModelConfig, p, h, cos, sin, mask, return_probs=Fals
     return project(out, p["o"], "bthk,hkd->btd", dtype), probs, (k, v)
 
 
-def decoder_layer(config: ModelConfig, p, x, cos, sin, mask, mlp_scale=None, return_probs=False):
-    """One pre-norm LLaMA layer. `mlp_scale` [B,T] multiplies only the MLP output (γ-MoD)."""
+def decoder_layer_with_kv(config: ModelConfig, p, x, cos, sin, mask, mlp_scale=None, return_probs=False):
+    """One pre-norm LLaMA layer. `mlp_scale` [B,T] multiplies only the MLP output (γ-MoD).
+    Returns (new x, attention probs or None, (keys after RoPE, values)) — the KV cache's input."""
     t, dtype = config.text, DTYPES[config.dtype]
     h = rms_norm(x, p["attn_norm"]["scale"], t.rms_norm_eps)
-    attn, probs, _ = attention_block(config, p["attn"], h, cos, sin, mask, return_probs)
+    attn, probs, kv = attention_block(config, p["attn"], h, cos, sin, mask, return_probs)
     x = x + attn
     m = swiglu(p["mlp"], rms_norm(x, p["mlp_norm"]["scale"], t.rms_norm_eps), dtype)
     if mlp_scale is not None:
         m = m * mlp_scale[..., None].astype(m.dtype)
-    return x + m, probs
+    return x + m, probs, kv
+
+
+def decoder_layer(config: ModelConfig, p, x, cos, sin, mask, mlp_scale=None, return_probs=False):
+    """`decoder_layer_with_kv` without the keys and values: (new x, probs or None)."""
+    x, probs, _ = decoder_layer_with_kv(config, p, x, cos, sin, mask, mlp_scale, return_probs)
+    return x, probs
 
 
 def router_logits(config: ModelConfig, p_layer, router_kernel, x):

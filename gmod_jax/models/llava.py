@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Callable
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from gmod_jax import token_types as tt
@@ -50,6 +49,12 @@ class LlavaModel(nn.Module):
         self.vision = ClipVisionTower(self.config)
         self.projector = Projector(self.config)
         self.llm = LlamaDecoder(self.config)
+
+    def declare_params(self):
+        """Touch every submodule so `init(rng, method=LlavaModel.declare_params)` creates the
+        params without tracing a forward pass (much faster to compile than a full init)."""
+        self.vision.patch_embed, self.projector.fcs, self.llm.layers
+        return None
 
     def embed_image(self, pixel_values):
         return self.projector(self.vision(pixel_values))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from gmod_jax.config import ModelConfig
@@ -16,24 +15,24 @@ from gmod_jax.layers.mlp import activation
 class Projector(nn.Module):
     config: ModelConfig
 
-    @nn.compact
-    def __call__(self, features):
+    def setup(self):
         c = self.config
         pdt = DTYPES[c.param_dtype]
         d_in = c.vision.hidden_size * len(c.vision.feature_layers)
         d = c.text.hidden_size
-        params = {}
-        for i in range(c.projector.depth):
-            fan_in = d_in if i == 0 else d
 
-            def init(rng, fan_in=fan_in):
+        def init(fan_in):
+            def fn(rng):
                 p = {"kernel": nn.initializers.lecun_normal()(rng, (fan_in, d), pdt)}
                 if c.projector.bias:
                     p["bias"] = jnp.zeros((d,), pdt)
                 return p
+            return fn
 
-            params[f"fc{i + 1}"] = self.param(f"fc{i + 1}", init)
-        return project_features(c, params, features)
+        self.fcs = [self.param(f"fc{i + 1}", init(d_in if i == 0 else d)) for i in range(c.projector.depth)]
+
+    def __call__(self, features):
+        return project_features(self.config, {f"fc{i + 1}": p for i, p in enumerate(self.fcs)}, features)
 
 
 def project_features(config: ModelConfig, params, features):
