@@ -1197,8 +1197,11 @@ def run_benchmark(bench: Benchmark, generate_fn: Callable[[list[dict]], list[str
                   on_batch: Callable[[int, int], Any] | None = None) -> RunOutput:
     """Answer every prompt of ``bench`` with ``generate_fn`` in batches.
 
-    With ``answers_file`` (path or :class:`results.AnswersFile`) each answer is appended as
-    it arrives and questions already in the file are skipped, so an interrupted run resumes.
+    ``generate_fn`` returns one output per prompt: the answer text, or a dict with the text
+    under ``"text"`` and extra JSON-serialisable fields (per-sample statistics) that are
+    stored with the answer. With ``answers_file`` (path or :class:`results.AnswersFile`)
+    each answer is appended as it arrives and questions already in the file are skipped, so
+    an interrupted run resumes.
     ``generate_seconds`` is wall time inside ``generate_fn`` for this call's new answers
     (samples/s as γ-MoD measures it: generation time only, batch size is the caller's).
     """
@@ -1218,10 +1221,14 @@ def run_benchmark(bench: Benchmark, generate_fn: Callable[[list[dict]], list[str
         elapsed += time.perf_counter() - t0
         if len(outs) != len(batch):
             raise ValueError(f"generate_fn returned {len(outs)} outputs for {len(batch)} prompts")
-        for p, text in zip(batch, outs):
-            answers[p["question_id"]] = text
+        for p, out in zip(batch, outs):
+            extra = {}
+            if isinstance(out, Mapping):
+                extra = {k: v for k, v in out.items() if k not in ("text", "question_id")}
+                out = out["text"]
+            answers[p["question_id"]] = out
             if af is not None:
-                af.append(p["question_id"], text, benchmark=bench.name)
+                af.append(p["question_id"], out, benchmark=bench.name, **extra)
         done += len(batch)
         if on_batch is not None:
             on_batch(done, len(todo))
