@@ -1,0 +1,28 @@
+"""Tiny γ-MoD LLaVA (MoD in decoder layers 1 and 2 of 4, routing ratio 0.5, shared router) on
+synthetic batches: CPU smoke runs and tests.
+
+    python -m train --config configs/tiny_gamma_mod.py --workdir /tmp/tiny_mod
+"""
+
+from gmod_jax import config as C
+from train.config import DataConfig, OptimConfig, TrainConfig
+
+
+def get_config() -> TrainConfig:
+    base = C.tiny(vision=C.VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                                        image_size=56, patch_size=14))  # 16 image tokens
+    model = C.gamma_mod(base, placement="explicit", routing_ratio=0.5, layers=(1, 2), router_aux_loss_coef=0.01)
+    return TrainConfig(
+        model=model,
+        data=DataConfig(source="synthetic", seq_len=48, num_examples=320),
+        optim=OptimConfig(lr=1e-3, schedule="cosine", warmup_ratio=0.1, weight_decay=0.0, grad_clip=1.0,
+                          trainable=(r"^projector/", r"^llm/")),  # stage-2 style: vision frozen
+        global_batch=8,
+        num_epochs=1.0,  # 320 / 8 = 40 steps
+        log_every=5,
+        eval_every=20,
+        eval_steps=2,
+        checkpoint_every=20,
+        keep_checkpoints=2,
+        seed=0,
+    )

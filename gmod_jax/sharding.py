@@ -1,0 +1,230 @@
+"""Device mesh and the one logical-axis -> mesh-axis rule table.
+
+The mesh has three axes: `data` (pure data parallelism: params replicated), `fsdp` (data
+parallelism with params, grads and optimizer state sharded ZeRO-3 style) and `tensor`
+(Megatron-style splitting of heads / MLP width / vocabulary). Model code never names mesh
+axes: params get logical axis names from `PARAM_AXES` (regexes over `llm/layers/attn/q/kernel`
+style paths, docs/param_layout.md) and `LOGICAL_RULES` maps those names to mesh axes, so
+re-sharding is an edit of one table. The mesh uses `AxisType.Auto`: we annotate params and the
+batch and let GSPMD/Shardy propagate shardings through the (unannotated) model code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Iterable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis -> mesh axes (a tuple shards one dimension over several mesh axes, in order).
+LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", ("fsdp",)),
+    ("mlp", ("tensor",)),
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("vocab", ("tensor",)),
+    ("head_dim", ()),
+    ("layers", ()),  # scanned layer stacks: every device holds its slice of every layer
+    ("length", ()),  # sequence axis stays whole: MoD gather/scatter is then device-local
+    ("norm", ()),  # norm scales and other small vectors: replicated
+)
+
+# Param path regex -> logical axes of each dimension. First match wins. `None` replicates the
+# whole leaf (whatever its rank). Paths are '/'-joined dict keys (docs/param_layout.md).
+PARAM_AXES: tuple[tuple[str, tuple[str | None, ...] | None], ...] = (
+    # LLaMA decoder
+    (r"^llm/embed$", ("vocab", "embed")),
+    (r"^llm/lm_head/kernel$", ("embed", "vocab")),
+    (r"^llm/final_norm/scale$", ("norm",)),
+    (r"^llm/mod_router/kernel$", None),  # [D, 2] or [n_mod, D, 2]: tiny, replicated
+    (r"^llm/layers/(attn_norm|mlp_norm)/scale$", ("layers", "norm")),
+    (r"^llm/layers/attn/q/kernel$", ("layers", "embed", "heads", "head_dim")),
+    (r"^llm/layers/attn/(k|v)/kernel$", ("layers", "embed", "kv_heads", "head_dim")),
+    (r"^llm/layers/attn/q/bias$", ("layers", "heads", "head_dim")),
+    (r"^llm/layers/attn/(k|v)/bias$", ("layers", "kv_heads", "head_dim")),
+    (r"^llm/layers/attn/o/kernel$", ("layers", "heads", "head_dim", "embed")),
+    (r"^llm/layers/attn/o/bias$", ("layers", "embed")),
+    (r"^llm/layers/mlp/(gate|up)/kernel$", ("layers", "embed", "mlp")),
+    (r"^llm/layers/mlp/(gate|up)/bias$", ("layers", "mlp")),
+    (r"^llm/layers/mlp/down/kernel$", ("layers", "mlp", "embed")),
+    (r"^llm/layers/mlp/down/bias$", ("layers", "embed")),
+    # multimodal projector: Megatron pairs (column- then row-parallel)
+    (r"^projector/fc1/kernel$", ("embed", "mlp")),
+    (r"^projector/fc\d+/kernel$", ("mlp", "embed")),
+    (r"^projector/fc\d+/bias$", None),
+    # CLIP vision tower (same layer layout as the decoder, LayerNorms with biases)
+    (r"^vision/patch_embed/kernel$", (None, None, None, "embed")),
+    (r"^vision/pos_embed$", (None, "embed")),
+    (r"^vision/(cls|pre_ln/.*|post_ln/.*)$", None),
+    (r"^vision/layers/(ln1|ln2)/(scale|bias)$", ("layers", "norm")),
+    (r"^vision/layers/attn/(q|k|v)/kernel$", ("layers", "embed", "heads", "head_dim")),
+    (r"^vision/layers/attn/(q|k|v)/bias$", ("layers", "heads", "head_dim")),
+    (r"^vision/layers/attn/o/kernel$", ("layers", "heads", "head_dim", "embed")),
+    (r"^vision/layers/attn/o/bias$", ("layers", "embed")),
+    (r"^vision/layers/fc1/kernel$", ("layers", "embed", "mlp")),
+    (r"^vision/layers/fc1/bias$", ("layers", "mlp")),
+    (r"^vision/layers/fc2/kernel$", ("layers", "mlp", "embed")),
+    (r"^vision/layers/fc2/bias$", ("layers", "embed")),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; exactly one may be -1 (= all remaining devices)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def resolve(self, num_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        if sizes.count(-1) > 1:
+            raise ValueError(f"at most one mesh axis may be -1, got {self}")
+        if any(s == 0 or s < -1 for s in sizes):
+            raise ValueError(f"mesh axis sizes must be positive or -1, got {self}")
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(f"{num_devices} devices do not split into mesh {self}")
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                             f"have {num_devices}")
+        return tuple(sizes)
+
+
+def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = config.resolve(len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+# ----------------------------------------------------------------------------------------------
+# Logical axes -> partition specs
+
+
+def path_str(path) -> str:
+    """'llm/layers/attn/q/kernel' from a jax key path (dict keys, attributes or indices)."""
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def param_logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of a param leaf from `PARAM_AXES` (unknown paths are replicated)."""
+    for pattern, axes in PARAM_AXES:
+        if re.search(pattern, path):
+            if axes is None:
+                return (None,) * ndim
+            if len(axes) != ndim:
+                raise ValueError(f"param {path!r} has rank {ndim} but PARAM_AXES gives {axes}")
+            return axes
+    return (None,) * ndim
+
+
+def logical_to_spec(logical_axes: Iterable[str | None], shape: Sequence[int], axis_sizes: dict[str, int],
+                    rules=LOGICAL_RULES) -> P:
+    """PartitionSpec for one array. A dimension whose size is not divisible by the product of
+    its mesh axes is replicated instead (e.g. 40 heads on tensor=16); a mesh axis already used
+    by an earlier dimension is not reused (a spec may name each mesh axis once)."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(logical_axes, shape):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise KeyError(f"logical axis {name!r} has no rule in the rule table")
+        mesh_axes = tuple(a for a in table[name] if a not in used and axis_sizes.get(a, 1) > 1)
+        size = math.prod(axis_sizes[a] for a in mesh_axes)
+        if not mesh_axes or dim % size:
+            spec.append(None)
+            continue
+        used.update(mesh_axes)
+        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return P(*spec)
+
+
+def _axis_sizes(mesh) -> dict[str, int]:
+    return dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+
+def param_specs(params_or_shapes, axis_sizes: dict[str, int], rules=LOGICAL_RULES):
+    """PartitionSpec tree for a param tree (arrays or ShapeDtypeStructs), from mesh axis sizes
+    alone so it can be computed without devices."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: logical_to_spec(param_logical_axes(path_str(path), len(x.shape)), x.shape, axis_sizes, rules),
+        params_or_shapes)
+
+
+def param_shardings(params_or_shapes, mesh, rules=LOGICAL_RULES):
+    """NamedSharding tree for a param tree (arrays or ShapeDtypeStructs)."""
+    specs = param_specs(params_or_shapes, _axis_sizes(mesh), rules)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_spec(ndim_prefix: int = 0) -> P:
+    """Spec that shards the batch axis (after `ndim_prefix` unsharded leading axes, e.g. the
+    grad-accumulation axis) over `data` x `fsdp`; every other axis whole."""
+    return P(*([None] * ndim_prefix), BATCH_AXES)
+
+
+def batch_sharding(mesh, ndim_prefix: int = 0) -> NamedSharding:
+    return NamedSharding(mesh, batch_spec(ndim_prefix))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def logical_sharding(mesh, logical_axes: Sequence[str | None], shape: Sequence[int], rules=LOGICAL_RULES):
+    """NamedSharding for an activation named by logical axes (for `jax.lax.with_sharding_constraint`)."""
+    return NamedSharding(mesh, logical_to_spec(logical_axes, shape, _axis_sizes(mesh), rules))
+
+
+def batch_shard_count(mesh) -> int:
+    sizes = _axis_sizes(mesh)
+    return math.prod(sizes[a] for a in BATCH_AXES)
+
+
+def process_batch_rows(mesh, batch_size: int) -> tuple[int, int]:
+    """[start, stop) rows of a [batch_size, ...] batch-sharded array that this process's devices
+    hold; every process feeds exactly these rows (`jax.make_array_from_process_local_data`)."""
+    sharding = batch_sharding(mesh)
+    rows = set()
+    for index in sharding.addressable_devices_indices_map((batch_size,)).values():
+        sl = index[0]
+        rows.update(range(*sl.indices(batch_size)))
+    lo, hi = min(rows), max(rows) + 1
+    if len(rows) != hi - lo:
+        raise ValueError("this process's devices hold a non-contiguous part of the batch; "
+                         "order the mesh so each process owns one block of the batch axes")
+    return lo, hi
+
+
+def describe(params_or_shapes, mesh) -> str:
+    """One line per param: path, shape and spec (for logs and debugging)."""
+    specs = param_specs(params_or_shapes, _axis_sizes(mesh))
+    lines = []
+    for (path, x), spec in zip(jax.tree_util.tree_flatten_with_path(params_or_shapes)[0], jax.tree.leaves(
+            specs, is_leaf=lambda s: isinstance(s, P))):
+        lines.append(f"{path_str(path):45s} {str(tuple(np.shape(x))):28s} {spec}")
+    return "\n".join(lines)
