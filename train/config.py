@@ -69,6 +69,9 @@ class DataConfig:
     eval_split: str = "eval"  # TFDS split for periodic eval
     shuffle: bool = True
     num_workers: int = 0  # Grain worker processes (0 = in the main process)
+    # Homogeneous image / text-only batches (official `group_by_modality_length True`): a text-only
+    # row has nothing routable and the static MoD capacity is the batch minimum.
+    group_by_modality: bool = True
     # synthetic source only
     seq_len: int = 64
     num_examples: int = 1024  # dataset size that defines an epoch for the synthetic source

@@ -216,7 +216,8 @@ class PipelineBatches:
             model, batch_size=shard.accum * shard.rows, max_length=cfg.max_length, template=cfg.template,
             seed=seed, shuffle=cfg.shuffle and not eval_split, shard_index=shard.index, shard_count=shard.count,
             worker_count=cfg.num_workers, num_epochs=1 if eval_split else None, buckets=cfg.buckets,
-            drop_remainder=not eval_split, pad_final_batch=eval_split)
+            drop_remainder=not eval_split, pad_final_batch=eval_split,
+            group_by_modality=cfg.group_by_modality and not eval_split)
         self.pad_id = tokenizer.pad_id if tokenizer is not None else (model.pad_token_id or 0)
         self._iter = iter(pipeline.make_dataset(source, pcfg, tokenizer))
 

@@ -193,6 +193,9 @@ class LlavaJsonSource:
     def __len__(self) -> int:
         return len(self._records)
 
+    def has_image_flags(self) -> list[bool]:
+        return [bool(json.loads(r).get("image")) for r in self._records]
+
     def __getitem__(self, index: int) -> dict:
         return json.loads(self._records[index])
 

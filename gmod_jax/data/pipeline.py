@@ -20,6 +20,7 @@ import dataclasses
 from typing import Any, Sequence
 
 import grain
+import numpy as np
 
 from gmod_jax.data import templates
 from gmod_jax.data.batching import default_buckets, pad_to_bucket
@@ -54,6 +55,10 @@ class PipelineConfig:
     read_threads: int = 2  # threads of the in-process map (image decoding releases the GIL)
     read_buffer_size: int = 16
     max_bad_fraction: float = 0.01
+    # Batches of image samples only or text-only samples only (LLaVA's group_by_modality_length).
+    # γ-MoD's static capacity is the minimum over a batch's rows, and a text-only row has nothing
+    # routable, so one text-only sample in a batch would switch MoD skipping off for all of it.
+    group_by_modality: bool = False
 
     def __post_init__(self):
         if self.batch_size <= 0 or self.max_length <= 0:
@@ -156,6 +161,52 @@ class _PadBatch:
         return pad_to_bucket(examples, self.buckets, self.pad_id, batch_size=self.batch_size)
 
 
+class ModalityGroupedOrder:
+    """Per-epoch record order in which every run of `group` consecutive records (one global batch:
+    per-process batch × processes, so strided sharding keeps each process's batch homogeneous)
+    has a single modality. Each modality is shuffled on its own, cut into groups, and the groups
+    are shuffled; the leftovers of both modalities form one mixed group at the end of the epoch.
+    Deterministic in (seed, epoch), so the iterator state stays a plain position.
+    """
+
+    def __init__(self, has_image: Sequence[bool], group: int, seed: int, shuffle: bool = True):
+        self.has_image = np.asarray(has_image, bool)
+        self.group, self.seed, self.shuffle = group, seed, shuffle
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        chunks, leftovers = [], []
+        for flag in (True, False):
+            idx = np.flatnonzero(self.has_image == flag)
+            if self.shuffle:
+                idx = rng.permutation(idx)
+            full = len(idx) // self.group * self.group
+            chunks += list(idx[:full].reshape(-1, self.group))
+            leftovers.append(idx[full:])
+        if self.shuffle:
+            chunks = [chunks[i] for i in rng.permutation(len(chunks))]
+        order = np.concatenate(chunks + leftovers).astype(np.int64)
+        self._cache = (epoch, order)
+        return order
+
+    def __call__(self, index: int) -> int:
+        n = len(self.has_image)
+        return int(self.epoch_order(index // n)[index % n])
+
+
+class _Lookup:
+    """map_with_index function: global position -> the record at that place of its epoch's order."""
+
+    def __init__(self, source, order: ModalityGroupedOrder):
+        self.source, self.order = source, order
+
+    def __call__(self, index: int, _):
+        return self.source[self.order(index)]
+
+
 def _shard(config: PipelineConfig) -> tuple[int, int]:
     if config.shard_count is not None:
         return config.shard_index, config.shard_count
@@ -200,10 +251,16 @@ def make_dataset(source: LlavaJsonSource | TfdsLlavaSource, config: PipelineConf
         raise ValueError(f"{source!r} is empty")
 
     shard_index, shard_count = _shard(config)
-    ds = grain.MapDataset.source(source)
-    if config.shuffle:
-        ds = ds.shuffle(seed=config.seed)
-    ds = ds.repeat(config.num_epochs)
+    if config.group_by_modality:
+        order = ModalityGroupedOrder(source.has_image_flags(), config.batch_size * shard_count, config.seed,
+                                     config.shuffle)
+        ds = grain.MapDataset.range(len(source)).repeat(config.num_epochs).map_with_index(
+            _Lookup(source, order))
+    else:
+        ds = grain.MapDataset.source(source)
+        if config.shuffle:
+            ds = ds.shuffle(seed=config.seed)
+        ds = ds.repeat(config.num_epochs)
     if shard_count > 1:
         if config.num_epochs is not None:  # equal shard lengths: hosts must run the same number of steps
             ds = ds[: len(ds) // shard_count * shard_count]

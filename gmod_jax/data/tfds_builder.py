@@ -163,18 +163,21 @@ def _make_builder_class():
         def _generate_examples(self, split: str, json_path: str, image_root: str):
             records = read_records(json_path)
             tracker = BadRecordTracker(self._max_bad_fraction, total=len(records), what=f"records of split {split!r}")
+            has_image = []  # per stored record, in order: lets the pipeline group batches by modality
             settings = dict(tokenizer=self._tokenizer, template=self._template,
                             move_image_to_front=self._move_image_to_front, image_root=image_root,
                             verify_images=self._verify_images)
             for status, key, value in _encode_all(records, settings, self._num_workers):
                 if status == "ok":
                     tracker.ok()
+                    has_image.append("1" if value["has_image"] else "0")
                     yield key, value
                 else:
                     tracker.record_bad(key, value)
             tracker.check(final=True)
             self.info.metadata["bad_records"][split] = {
                 "num_records": len(records), "num_bad": tracker.bad, "bad_examples": tracker.bad_examples}
+            self.info.metadata.setdefault("has_image", {})[split] = "".join(has_image)
 
     return LlavaConversations
 
@@ -262,6 +265,13 @@ class TfdsLlavaSource:
 
     def __len__(self) -> int:
         return len(self._source)
+
+    def has_image_flags(self) -> list[bool]:
+        """Per-record modality, recorded at build time (older builds: read every record)."""
+        flags = (self.metadata.get("has_image") or {}).get(self.split)
+        if flags is not None and len(flags) == len(self):
+            return [c == "1" for c in flags]
+        return [bool(self._source[i]["has_image"]) for i in range(len(self))]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec = self._source[index]
