@@ -1,0 +1,926 @@
+"""`python -m gmod_jax.bench --config configs/bench_cpu.py --json OUT.json [--markdown BENCHMARKS.md]`
+
+Dense vs γ-MoD in one process, on the same weights and the same inputs: prefill latency, decode
+tokens/s, training-step time, analytic and XLA-reported FLOPs, the realised skip ratio, the
+speedup and the speedup as a share of the FLOP bound; optionally HF transformers (PyTorch) on
+the same dense weights as a baseline.
+
+Method, and why:
+* The MoD model is the dense model plus the shared router (`llm/mod_router`); the dense twin
+  reuses the very same arrays, so weights cannot drift between the two.
+* With random weights the official threshold rule (keep iff keep-prob > 0.005) keeps almost
+  every token, so the configs route with the training capacity rule
+  (`mod.inference_routing="capacity"`): exactly `routing_ratio` of the routable tokens are
+  skipped in every MoD layer and the skip ratio is the configured one. The rule used is recorded.
+* Every timed function is compiled ahead of time (`jit(f).lower(...).compile()`): compile time
+  is reported on its own and never pollutes a sample. Warm-up runs are discarded; dense and MoD
+  samples are interleaved (D, M, D, M, ...) so load from other processes hits both alike;
+  min / median / IQR are reported and speedups use medians.
+* XLA's cost analysis counts a while-loop body once, and layer stacks are `lax.scan`s, so XLA
+  FLOPs come from a separately compiled, fully unrolled twin of each timed program (counted
+  only, never timed). The decode loop is a data-dependent `while_loop`: no XLA count there.
+* `BENCHMARKS.md` is only ever written here: the section between
+  `<!-- bench:<section>:start -->` and `<!-- bench:<section>:end -->` is replaced atomically,
+  other sections are left byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import datetime as _dt
+import importlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gmod_jax import flops as F
+from gmod_jax import token_types as tt
+from gmod_jax.api import Model, init_random, routing_capacity
+from gmod_jax.config import ModelConfig, gamma_mod
+from gmod_jax.models.llama import RoutingPlan
+from gmod_jax.models.llava import LlavaModel
+
+KINDS = ("prefill", "decode", "train_step")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One measurement. `repeats` overrides the config default for this case (big batches can
+    afford fewer), so `--set repeats=N` only changes cases that leave it unset."""
+
+    kind: str
+    batch: int
+    repeats: int | None = None
+    new_tokens: int = 32  # decode only
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"case kind must be one of {KINDS}, got {self.kind!r}")
+        if self.batch < 1 or (self.kind == "decode" and self.new_tokens < 2):
+            raise ValueError(f"bad case {self}")
+
+    @property
+    def name(self) -> str:
+        if self.kind == "decode":
+            return f"decode_b{self.batch}_n{self.new_tokens}"
+        return f"{self.kind}_b{self.batch}"
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """A benchmark recipe; config files define `get_config() -> BenchConfig`."""
+
+    section: str  # BENCHMARKS.md section key (markers `<!-- bench:<section>:start/end -->`)
+    title: str
+    model: ModelConfig  # the dense base model; the γ-MoD twin is derived from it
+    cases: tuple[Case, ...]
+    placement: str = "arank_mod"  # `config.mod_layer_indices` strategy (official: all but 0,1,2,L-1)
+    mod_layers: tuple[int, ...] = ()  # for placement "explicit"
+    routing_ratio: float = 0.5
+    inference_routing: str = "capacity"  # see the module docstring
+    masking: str = "official"
+    # Token layout of every sequence: system prefix (BOS, system prompt, "USER:"; 35 in LLaVA's
+    # vicuna_v1 template), one image, then question text. Training marks the last
+    # `answer_tokens` of the question part as the answer (the only tokens with LM loss).
+    system_tokens: int = 35
+    question_tokens: int = 29
+    answer_tokens: int = 16
+    warmup: int = 1
+    repeats: int = 5
+    seed: int = 0
+    learning_rate: float = 1e-5
+    xla_flops: bool = True  # compile an unrolled twin of each program to read XLA's FLOP count
+    attention_flops: str = "full"  # analytic attention counting, see gmod_jax.flops
+    torch_baseline: bool = True  # HF LlavaForConditionalGeneration on the dense weights (prefill)
+    torch_attention: str = "sdpa"  # "sdpa" | "eager"
+    threads: int | None = None  # torch intra-op threads; None = the cores this process may use
+    require_platform: str | None = None  # e.g. "gpu": exit cleanly without running elsewhere
+    peak_tflops: float | None = None  # MFU denominator; None = look up the device kind
+
+    def __post_init__(self):
+        object.__setattr__(self, "cases", tuple(self.cases))
+        object.__setattr__(self, "mod_layers", tuple(self.mod_layers))
+        if self.model.mod.enabled:
+            raise ValueError("BenchConfig.model is the dense base model (mod disabled)")
+        if self.attention_flops not in F.ATTENTION_MODES:
+            raise ValueError(f"attention_flops must be one of {F.ATTENTION_MODES}")
+        if self.warmup < 0 or self.repeats < 1:
+            raise ValueError("warmup must be >= 0 and repeats >= 1")
+        names = [c.name for c in self.cases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate cases: {names}")
+
+    @property
+    def seq_len(self) -> int:
+        return self.system_tokens + self.model.image_seq_length + self.question_tokens
+
+    def mod_model_config(self) -> ModelConfig:
+        return gamma_mod(self.model, self.placement, self.routing_ratio, self.mod_layers,
+                         inference_routing=self.inference_routing, masking=self.masking)
+
+
+def load_config(path: str | os.PathLike) -> BenchConfig:
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"bench_config_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"cannot import bench config {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} defines no get_config()")
+    config = module.get_config()
+    if not isinstance(config, BenchConfig):
+        raise TypeError(f"{path}: get_config() returned {type(config).__name__}, not BenchConfig")
+    return config
+
+
+def apply_override(obj, dotted: str, text: str):
+    """`repeats=3`, `model.text.num_layers=4`, `torch_baseline=False`: dataclass fields by dotted
+    path, values parsed as Python literals (bare words stay strings)."""
+    head, _, rest = dotted.partition(".")
+    if not dataclasses.is_dataclass(obj) or head not in {f.name for f in dataclasses.fields(obj)}:
+        raise ValueError(f"unknown config field {dotted!r}")
+    if rest:
+        return dataclasses.replace(obj, **{head: apply_override(getattr(obj, head), rest, text)})
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    return dataclasses.replace(obj, **{head: value})
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and inputs
+
+
+def build_models(config: BenchConfig) -> tuple[Model, Model]:
+    """(dense, MoD) handles over one set of arrays: the dense tree is the MoD tree minus the
+    router, built on device by a jitted init (no host copy of the weights)."""
+    mod = init_random(config.mod_model_config(), seed=config.seed)
+    llm = {k: v for k, v in mod.params["llm"].items() if k != "mod_router"}
+    dense = Model(config=config.model, params={**mod.params, "llm": llm})
+    return dense, mod
+
+
+def make_inputs(config: BenchConfig, batch: int) -> dict[str, np.ndarray]:
+    """Deterministic random ids (never the image id), one random image per row, token types of
+    the LLaVA layout, and `answer` marking the answer span used by the training loss."""
+    cfg = config.model
+    rng = np.random.default_rng(config.seed * 1000 + batch)
+    n_img, t = cfg.image_seq_length, config.seq_len
+    vocab = cfg.text.vocab_size
+    ids = rng.integers(3, vocab, size=(batch, t), dtype=np.int64)
+    ids = np.where(ids == cfg.image_token_index, 3, ids).astype(np.int32)
+    start = config.system_tokens
+    ids[:, start:start + n_img] = cfg.image_token_index
+    types = np.full((batch, t), tt.QUESTION, np.int32)
+    types[:, :start] = tt.SYSTEM
+    types[:, start:start + n_img] = tt.IMAGE
+    answer = np.zeros((batch, t), bool)
+    if config.answer_tokens:
+        answer[:, t - min(config.answer_tokens, config.question_tokens):] = True
+    v = cfg.vision
+    px = rng.standard_normal((batch, v.image_size, v.image_size, v.num_channels)).astype(np.float32)
+    return {"ids": ids, "px": px, "mask": np.ones((batch, t), bool), "types": types, "answer": answer}
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+
+def summarize(samples_s: list[float]) -> dict[str, Any]:
+    ms = sorted(s * 1e3 for s in samples_s)
+    q = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else [ms[0]] * 3
+    return {"min_ms": ms[0], "median_ms": statistics.median(ms), "p25_ms": q[0], "p75_ms": q[2],
+            "iqr_ms": q[2] - q[0], "n": len(ms), "samples_ms": [round(m, 4) for m in ms]}
+
+
+def interleaved(runs: dict[str, Callable[[], float]], warmup: int, repeats: int) -> dict[str, dict]:
+    """Warm every callable up, then alternate them `repeats` times. Each callable returns its own
+    elapsed seconds, so per-call setup (copying a donated cache) stays outside the sample."""
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            samples[name].append(run())
+    return {name: summarize(s) for name, s in samples.items()}
+
+
+def timed_call(fn: Callable, *args) -> Callable[[], float]:
+    def run():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        return time.perf_counter() - t0
+    return run
+
+
+def aot_compile(jitted, *args, **static) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args, **static).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def count_xla(make_jitted: Callable[[], Any], *args, **static) -> float | None:
+    """XLA FLOPs of a fully unrolled twin (see module docstring); `make_jitted` must build a new
+    function so no trace cached from the scanned version is reused."""
+    with F.unrolled_scans():
+        compiled = make_jitted().lower(*args, **static).compile()
+    return F.xla_flops(compiled)
+
+
+def _log(msg: str):
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Programs
+
+
+def prefill_program(config: ModelConfig, plan: RoutingPlan):
+    """Prompt forward with logits for the last position only (what serving needs before the
+    first token); returns (logits [B,1,V], aux with `mod_kept` / `mod_tokens` for γ-MoD)."""
+    module = LlavaModel(config)
+
+    def run(m, ids, px, mask, types):
+        hidden, aux = m.llm(m.embed(ids, px), mask, types, plan)
+        return m.llm.logits(hidden[:, -1:]), aux
+
+    def prefill(params, ids, px, mask, types):
+        return module.apply({"params": params}, ids, px, mask, types, method=run)
+
+    return jax.jit(prefill)
+
+
+def split_trainable(params: dict) -> tuple[dict, dict]:
+    """(trainable, frozen): LLaVA stage-2 / γ-MoD fine-tuning trains projector + LLM (router
+    included) and freezes the vision tower."""
+    return ({k: v for k, v in params.items() if k != "vision"}, {"vision": params["vision"]})
+
+
+def train_program(config: ModelConfig, plan: RoutingPlan, tx):
+    """One jitted AdamW step: LM cross-entropy on answer tokens + the router loss (γ-MoD's
+    objective), gradients only for the trainable sub-tree, the state donated."""
+    import optax
+
+    module = LlavaModel(config)
+
+    def loss_fn(trainable, frozen, batch):
+        out = module.apply({"params": {**frozen, **trainable}}, batch["ids"], batch["px"], batch["mask"],
+                           batch["types"], plan)
+        logp = jax.nn.log_softmax(out["logits"][:, :-1].astype(jnp.float32), axis=-1)
+        target = batch["ids"][:, 1:]
+        nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+        weight = batch["answer"][:, 1:].astype(jnp.float32)
+        lm = jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+        stats = {k: out[k] for k in ("mod_kept", "mod_tokens") if k in out}
+        return lm + out["router_loss"], stats
+
+    def step(state, frozen, batch):
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], frozen, batch)
+        updates, opt_state = tx.update(grads, state["opt"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt": opt_state}, loss, stats
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases
+
+
+@dataclasses.dataclass
+class Context:
+    config: BenchConfig
+    dense: Model
+    mod: Model
+    inputs: dict[int, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+    on_device: dict[int, dict[str, jax.Array]] = dataclasses.field(default_factory=dict)
+    peak: float | None = None
+    dense_last_logits: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    def batch(self, b: int) -> dict[str, np.ndarray]:
+        if b not in self.inputs:
+            self.inputs[b] = make_inputs(self.config, b)
+        return self.inputs[b]
+
+    def device_batch(self, b: int) -> dict[str, jax.Array]:
+        """The same inputs already on the device, so no sample pays a host->device copy."""
+        if b not in self.on_device:
+            self.on_device[b] = jax.device_put(self.batch(b))
+        return self.on_device[b]
+
+
+def _skip_stats(kept, tokens, batch: int) -> tuple[float, list[float], list[float]]:
+    """(overall skip ratio, per-layer skip ratios, per-layer kept tokens per row)."""
+    kept, tokens = np.asarray(kept, np.float64), np.maximum(np.asarray(tokens, np.float64), 1)
+    return (float(1.0 - kept.sum() / tokens.sum()), [float(v) for v in 1.0 - kept / tokens],
+            [float(v) for v in kept / batch])
+
+
+def _mod_capacity(cfg: ModelConfig, types: np.ndarray, mode: str) -> int:
+    """Static slots a MoD layer computes on (what the compiled program executes)."""
+    cap = routing_capacity(cfg, types, mode)
+    if cap is None:
+        cap = max(1, math.ceil(cfg.mod.threshold_max_capacity * types.shape[-1]))
+    return int(cap)
+
+
+def _finish(row: dict, ctx: Context, dense_flops: float, mod_flops: float):
+    row["speedup"] = row["dense_ms"] / row["mod_ms"] if row["mod_ms"] else None
+    row["flop_bound_speedup"] = F.bound_speedup(dense_flops, mod_flops)
+    row["speedup_over_bound"] = (row["speedup"] / row["flop_bound_speedup"]
+                                 if row["speedup"] and row["flop_bound_speedup"] else None)
+    if ctx.peak:
+        row["mfu_dense"] = dense_flops / (row["dense_ms"] * 1e-3) / ctx.peak
+        row["mfu_mod"] = mod_flops / (row["mod_ms"] * 1e-3) / ctx.peak
+    return row
+
+
+def run_prefill(ctx: Context, case: Case) -> dict:
+    cfg, b = ctx.config, case.batch
+    types = ctx.batch(b)["types"]
+    x = ctx.device_batch(b)
+    args = (x["ids"], x["px"], x["mask"], x["types"])
+    dense_cfg, mod_cfg = ctx.dense.config, ctx.mod.config
+    cap = _mod_capacity(mod_cfg, types, "inference")
+    dense_plan = RoutingPlan(mode="inference")
+    mod_plan = RoutingPlan(mode="inference", capacity=routing_capacity(mod_cfg, types, "inference"))
+
+    dense_fn, c_dense = aot_compile(prefill_program(dense_cfg, dense_plan), ctx.dense.params, *args)
+    mod_fn, c_mod = aot_compile(prefill_program(mod_cfg, mod_plan), ctx.mod.params, *args)
+    dense_logits, _ = jax.device_get(dense_fn(ctx.dense.params, *args))
+    _, aux = jax.device_get(mod_fn(ctx.mod.params, *args))
+    ctx.dense_last_logits[b] = np.asarray(dense_logits[:, -1], np.float32)
+    skip, skip_layers, kept = _skip_stats(aux["mod_kept"], aux["mod_tokens"], b)
+
+    stats = interleaved({"dense": timed_call(dense_fn, ctx.dense.params, *args),
+                         "mod": timed_call(mod_fn, ctx.mod.params, *args)},
+                        cfg.warmup, case.repeats or cfg.repeats)
+    t = cfg.seq_len
+    dense_a = F.prefill_flops(dense_cfg, b, t, attention=cfg.attention_flops)
+    mod_a = F.prefill_flops(mod_cfg, b, t, kept, attention=cfg.attention_flops)
+    mod_exec = F.prefill_flops(mod_cfg, b, t, cap, attention=cfg.attention_flops)
+    row = _base_row(case, t, stats, c_dense, c_mod, skip, skip_layers, dense_a, mod_a, mod_exec)
+    row["mod_capacity"] = cap
+    if cfg.xla_flops:
+        row["dense_flops_xla"] = count_xla(lambda: prefill_program(dense_cfg, dense_plan), ctx.dense.params, *args)
+        row["mod_flops_xla"] = count_xla(lambda: prefill_program(mod_cfg, mod_plan), ctx.mod.params, *args)
+    return _finish(row, ctx, dense_a.total, mod_a.total)
+
+
+def _base_row(case, t, stats, c_dense, c_mod, skip, skip_layers, dense_a, mod_a, mod_exec) -> dict:
+    return {
+        "name": case.name, "kind": case.kind, "batch": case.batch, "seq_len": t,
+        "dense_ms": stats["dense"]["median_ms"], "mod_ms": stats["mod"]["median_ms"],
+        "dense_stats": stats["dense"], "mod_stats": stats["mod"],
+        "skip_ratio": skip, "skip_ratio_per_layer": skip_layers,
+        "dense_flops_analytic": dense_a.total, "mod_flops_analytic": mod_a.total,
+        "mod_flops_analytic_executed": mod_exec.total,
+        "dense_flops_breakdown": dense_a.to_dict(), "mod_flops_breakdown": mod_a.to_dict(),
+        "dense_flops_xla": None, "mod_flops_xla": None,
+        "compile_s_dense": c_dense, "compile_s_mod": c_mod,
+    }
+
+
+def run_train_step(ctx: Context, case: Case) -> dict:
+    import optax
+
+    cfg, b = ctx.config, case.batch
+    types = ctx.batch(b)["types"]
+    batch = ctx.device_batch(b)
+    dense_cfg, mod_cfg = ctx.dense.config, ctx.mod.config
+    cap = _mod_capacity(mod_cfg, types, "train")
+    dense_plan = RoutingPlan(mode="train")
+    mod_plan = RoutingPlan(mode="train", capacity=routing_capacity(mod_cfg, types, "train"))
+    tx = optax.adamw(cfg.learning_rate, weight_decay=0.0)
+
+    def fresh_state(params):
+        # Own copies: the step donates (and so invalidates) the state it is given, while the
+        # dense and MoD trees share their arrays and later cases still need them.
+        trainable, frozen = split_trainable(params)
+        trainable = jax.tree.map(jnp.copy, trainable)
+        return {"params": trainable, "opt": tx.init(trainable)}, frozen
+
+    states, frozen = {}, {}
+    states["dense"], frozen["dense"] = fresh_state(ctx.dense.params)
+    states["mod"], frozen["mod"] = fresh_state(ctx.mod.params)
+    dense_fn, c_dense = aot_compile(train_program(dense_cfg, dense_plan, tx), states["dense"], frozen["dense"], batch)
+    mod_fn, c_mod = aot_compile(train_program(mod_cfg, mod_plan, tx), states["mod"], frozen["mod"], batch)
+    fns = {"dense": dense_fn, "mod": mod_fn}
+    last_stats = {}
+
+    def runner(name):
+        def run():
+            t0 = time.perf_counter()
+            states[name], loss, stats = fns[name](states[name], frozen[name], batch)
+            jax.block_until_ready((states[name], loss))
+            elapsed = time.perf_counter() - t0
+            last_stats[name] = stats
+            return elapsed
+        return run
+
+    stats = interleaved({"dense": runner("dense"), "mod": runner("mod")}, max(cfg.warmup, 1),
+                        case.repeats or cfg.repeats)
+    aux = jax.device_get(last_stats["mod"])
+    skip, skip_layers, kept = _skip_stats(aux["mod_kept"], aux["mod_tokens"], b)
+    t = cfg.seq_len
+    dense_a = F.train_step_flops(dense_cfg, b, t, attention=cfg.attention_flops)
+    mod_a = F.train_step_flops(mod_cfg, b, t, kept, attention=cfg.attention_flops)
+    mod_exec = F.train_step_flops(mod_cfg, b, t, cap, attention=cfg.attention_flops)
+    row = _base_row(case, t, stats, c_dense, c_mod, skip, skip_layers, dense_a, mod_a, mod_exec)
+    row["mod_capacity"] = cap
+    if cfg.xla_flops:
+        row["dense_flops_xla"] = count_xla(lambda: train_program(dense_cfg, dense_plan, tx), states["dense"],
+                                           frozen["dense"], batch)
+        row["mod_flops_xla"] = count_xla(lambda: train_program(mod_cfg, mod_plan, tx), states["mod"],
+                                         frozen["mod"], batch)
+    return _finish(row, ctx, dense_a.total, mod_a.total)
+
+
+def generation_module():
+    """(module, None) when `gmod_jax.inference.generate` offers the jitted prefill/decode pair
+    this benchmark drives, else (None, reason)."""
+    try:
+        gen = importlib.import_module("gmod_jax.inference.generate")
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available yet"
+        return None, f"gmod_jax.inference.generate not importable: {type(e).__name__}: {e}"
+    missing = [n for n in ("prefill_jit", "decode_jit", "CacheSpec", "mod_prefill_capacity") if not hasattr(gen, n)]
+    if missing:
+        return None, f"gmod_jax.inference.generate lacks {missing}"
+    return gen, None
+
+
+def run_decode(ctx: Context, case: Case) -> dict:
+    """Decode-loop time only: prefill (with KV-cache writes) runs once per model to produce the
+    cache, then each sample decodes `new_tokens` from a fresh copy of it (the loop donates it)."""
+    gen, reason = generation_module()
+    if gen is None:
+        return {"name": case.name, "kind": "decode", "batch": case.batch, "skipped": reason}
+    cfg, b, n = ctx.config, case.batch, case.new_tokens
+    types = ctx.batch(b)["types"]
+    x = ctx.device_batch(b)
+    t = cfg.seq_len
+    eos = np.full((getattr(gen, "MAX_EOS_IDS", 8),), -1, np.int32)  # no EOS: every row runs n tokens
+    runs, compile_s, prefill_compile_s, prefill_stats, specs, decode_stats = {}, {}, {}, {}, {}, {}
+    for name, model in (("dense", ctx.dense), ("mod", ctx.mod)):
+        spec = gen.CacheSpec(batch=b, prompt_len=t, new_slots=n,
+                             mod_capacity=gen.mod_prefill_capacity(model.config, types, "inference"),
+                             mode="inference")
+        specs[name] = spec
+        static = {"config": model.config, "spec": spec}
+        prefill, prefill_compile_s[name] = aot_compile(gen.prefill_jit, model.params, x["ids"], x["px"], x["mask"],
+                                                       x["types"], **static)
+        logits, cache, pstats = prefill(model.params, x["ids"], x["px"], x["mask"], x["types"])
+        prefill_stats[name] = jax.device_get(pstats)
+        dyn = jax.device_put((logits, np.full((b,), t, np.int32), np.int32(n), eos,
+                              np.int32(model.config.pad_token_id or 0), jax.random.PRNGKey(0), np.float32(0.0),
+                              np.float32(1.0), np.arange(b, dtype=np.int32)))
+        decode, compile_s[name] = aot_compile(gen.decode_jit, model.params, cache, *dyn, **static)
+
+        def run(decode=decode, cache=cache, params=model.params, dyn=dyn, name=name):
+            fresh = jax.block_until_ready(jax.tree.map(jnp.copy, cache))
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(decode(params, fresh, *dyn))
+            elapsed = time.perf_counter() - t0
+            decode_stats[name] = out[2]
+            return elapsed
+        runs[name] = run
+
+    stats = interleaved(runs, cfg.warmup, case.repeats or cfg.repeats)
+    steps = n - 1  # the first new token is sampled from the prefill logits
+    dstats = jax.device_get(decode_stats["mod"])
+    kept, fed = np.asarray(dstats["decode_kept"], np.float64), np.asarray(dstats["decode_tokens"], np.float64)
+    run_share = (kept.sum(-1) / max(fed.sum(), 1.0)) if kept.size else np.zeros((0,))
+    decode_skip = float(1.0 - run_share.mean()) if run_share.size else 0.0
+    p = prefill_stats["mod"]
+    prefill_skip, _, _ = _skip_stats(np.asarray(p["prefill_kept"]).sum(-1), np.asarray(p["prefill_tokens"]).sum(-1), b)
+    dense_a = F.decode_flops(ctx.dense.config, b, t, n)
+    mod_a = F.decode_flops(ctx.mod.config, b, t, n, mod_capacity=specs["mod"].mod_capacity,
+                           mod_run_fraction=[float(v) for v in run_share])
+    row = _base_row(case, t, stats, compile_s["dense"], compile_s["mod"], decode_skip,
+                    [float(v) for v in 1.0 - run_share], dense_a, mod_a, mod_a)
+    row.update({
+        "new_tokens": n, "decode_steps": steps,
+        "tokens_per_s_dense": b * steps / (row["dense_ms"] * 1e-3),
+        "tokens_per_s_mod": b * steps / (row["mod_ms"] * 1e-3),
+        "ms_per_step_dense": row["dense_ms"] / steps, "ms_per_step_mod": row["mod_ms"] / steps,
+        "prefill_skip_ratio": prefill_skip, "mod_capacity": specs["mod"].mod_capacity,
+        "compile_s_prefill_dense": prefill_compile_s["dense"], "compile_s_prefill_mod": prefill_compile_s["mod"],
+        "skips_compute": b == 1,
+    })
+    return _finish(row, ctx, dense_a.total, mod_a.total)
+
+
+RUNNERS = {"prefill": run_prefill, "train_step": run_train_step, "decode": run_decode}
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch baseline
+
+
+def torch_prefill_baseline(ctx: Context, rows: list[dict]) -> dict:
+    """HF `LlavaForConditionalGeneration` on the dense weights (exported through the converter's
+    key map into a temporary HF directory), float32, same inputs, same thread count,
+    `inference_mode`, logits for the last position only. Fills `torch_dense_ms` in-place."""
+    cfg = ctx.config
+    prefill_rows = [r for r in rows if r["kind"] == "prefill" and "skipped" not in r]
+    if not prefill_rows:
+        return {"skipped": "no prefill cases"}
+    try:
+        import torch
+        import transformers
+        from convert import hf_config
+        from convert.readers import write_sharded_safetensors
+        from convert.to_hf import torch_tensors
+    except Exception as e:  # noqa: BLE001
+        return {"skipped": f"torch baseline unavailable: {type(e).__name__}: {e}"}
+    model_cfg = ctx.dense.config
+    if model_cfg.param_dtype != "float32":
+        return {"skipped": "torch baseline runs float32 weights only"}
+    threads = cfg.threads or _cores()
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gmod-bench-hf-") as tmp:
+        params = jax.device_get(ctx.dense.params)
+        write_sharded_safetensors(tmp, torch_tensors(model_cfg, params, "D"), "5GB", metadata={"format": "pt"})
+        del params
+        (Path(tmp) / "config.json").write_text(json.dumps(hf_config.to_hf_llava_config(model_cfg), indent=2))
+        model = transformers.LlavaForConditionalGeneration.from_pretrained(
+            tmp, dtype=torch.float32, attn_implementation=cfg.torch_attention)
+    model.eval()
+    build_s = time.perf_counter() - t0
+    for row in prefill_rows:
+        b = row["batch"]
+        x = ctx.batch(b)
+        inputs = {"input_ids": torch.from_numpy(x["ids"].astype(np.int64)),
+                  "attention_mask": torch.from_numpy(x["mask"].astype(np.int64)),
+                  "pixel_values": torch.from_numpy(np.ascontiguousarray(np.moveaxis(x["px"], -1, 1)))}
+
+        def run(inputs=inputs):
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                out = model(**inputs, logits_to_keep=1, use_cache=False)
+                return time.perf_counter() - t0, out.logits
+        _, logits = run()
+        samples = [run()[0] for _ in range(cfg.warmup + (row.get("dense_stats", {}).get("n") or cfg.repeats))]
+        s = summarize(samples[cfg.warmup:] or samples)
+        row["torch_dense_ms"] = s["median_ms"]
+        row["torch_dense_stats"] = s
+        if b in ctx.dense_last_logits:
+            diff = np.abs(logits[:, -1].float().numpy() - ctx.dense_last_logits[b])
+            row["torch_max_abs_logit_diff"] = float(diff.max())
+        row["torch_over_jax_dense"] = s["median_ms"] / row["dense_ms"]
+    info = {"threads": threads, "attention": cfg.torch_attention, "dtype": "float32", "build_s": build_s,
+            "torch": torch.__version__, "transformers": transformers.__version__}
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# Machine, output
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+        return version(name)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def machine_info() -> dict:
+    dev = jax.devices()[0]
+    info = {
+        "platform": jax.default_backend(), "device_kind": dev.device_kind, "device_count": jax.device_count(),
+        "cpu": _cpu_model(), "cores": os.cpu_count(), "cores_usable": _cores(),
+        "python": platform.python_version(), "os": platform.platform(),
+        **{k: _version(k) for k in ("jax", "jaxlib", "flax", "optax", "torch", "transformers")},
+    }
+    try:
+        info["load_avg_start"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)} | (
+            {"name": obj.name} if isinstance(obj, Case) else {})
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_atomic(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def markers(section: str) -> tuple[str, str]:
+    return f"<!-- bench:{section}:start -->", f"<!-- bench:{section}:end -->"
+
+
+MARKDOWN_HEADER = ("# Benchmarks\n\nEvery section below is written by a benchmark command (named in the section) "
+                   "between its `<!-- bench:... -->` markers; do not edit by hand.\n")
+
+
+def replace_section(text: str | None, section: str, body: str) -> str:
+    """`text` with the section's marked block replaced (or appended); everything else unchanged."""
+    start, end = markers(section)
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if not text:
+        return f"{MARKDOWN_HEADER}\n{block}\n"
+    i = text.find(start)
+    if i < 0:
+        return text.rstrip("\n") + "\n\n" + block + "\n"
+    j = text.find(end, i)
+    if j < 0:
+        raise ValueError(f"BENCHMARKS.md has {start} without {end}; fix the file by hand first")
+    return text[:i] + block + text[j + len(end):]
+
+
+def update_markdown(path: str | os.PathLike, section: str, body: str):
+    path = Path(path)
+    old = path.read_text() if path.exists() else None
+    write_atomic(path, replace_section(old, section, body))
+
+
+def _fmt(v, spec=".1f", none="–"):
+    return none if v is None else format(v, spec)
+
+
+def _gflop(a, x):
+    return f"{_fmt(a and a / 1e9, '.1f')} / {_fmt(x and x / 1e9, '.1f')}"
+
+
+def _ms(stats: dict | None):
+    if not stats:
+        return "–"
+    return f"{stats['median_ms']:.1f} [{stats['iqr_ms']:.1f}; {stats['min_ms']:.1f}]"
+
+
+def render_markdown(result: dict, command: str) -> str:
+    cfg, m = result["config"], result["machine"]
+    model, text, vision = cfg["model"], cfg["model"]["text"], cfg["model"]["vision"]
+    lines = [
+        f"## {cfg['title']}",
+        "",
+        f"Written by `{command}` on {result['date']}.",
+        "",
+        f"- **Machine**: {m['cpu']} ({m['cores_usable']} usable of {m['cores']} cores), JAX platform "
+        f"`{m['platform']}` ({m['device_kind']}); load average {m.get('load_avg_start')} at start, "
+        f"{m.get('load_avg_end')} at end. jax {m['jax']}, jaxlib {m['jaxlib']}, flax {m['flax']}, "
+        f"torch {m['torch']}, transformers {m['transformers']}.",
+        f"- **Model** (random weights, {model['dtype']}): LLaMA d={text['hidden_size']}, "
+        f"ffn={text['intermediate_size']}, {text['num_layers']} layers, {text['num_heads']} heads "
+        f"({text['num_kv_heads']} kv), vocab {text['vocab_size']}; CLIP d={vision['hidden_size']}, "
+        f"{vision['num_layers']} layers, {vision['image_size']}px/{vision['patch_size']} → "
+        f"{result['image_tokens']} image tokens; projector {model['projector']['type']}. "
+        f"γ-MoD layers {cfg['mod_layers_resolved']} ({len(cfg['mod_layers_resolved'])} of {text['num_layers']}, "
+        f"placement `{cfg['placement']}`), one shared router.",
+        f"- **Inputs**: {cfg['system_tokens']} system + {result['image_tokens']} image + {cfg['question_tokens']} "
+        f"question tokens = {cfg['seq_len']} per row (training: the last {cfg['answer_tokens']} are the answer).",
+        f"- **Routing**: {cfg['routing_rule']}, ratio {cfg['routing_ratio']}. Decode: {cfg['decode_rule']}.",
+        f"- **Timing**: AOT-compiled, {cfg['warmup']} warm-up run(s) dropped, then dense and MoD interleaved; "
+        f"cells are median [IQR; min] ms over the repeats; speedup = dense median / MoD median.",
+    ]
+    if result.get("torch"):
+        tinfo = result["torch"]
+        if "skipped" in tinfo:
+            lines.append(f"- **PyTorch baseline**: skipped ({tinfo['skipped']}).")
+        else:
+            lines.append(f"- **PyTorch baseline**: HF transformers {tinfo['transformers']} "
+                         f"`LlavaForConditionalGeneration`, {tinfo['dtype']}, attention `{tinfo['attention']}`, "
+                         f"{tinfo['threads']} threads, `inference_mode`, last-position logits, same dense weights "
+                         f"and inputs.")
+    lines += [
+        "",
+        "| case | B | T | dense ms | γ-MoD ms | speedup | FLOP bound | speedup / bound | skip | "
+        "GFLOP dense (analytic / XLA) | GFLOP γ-MoD (analytic / XLA) | compile s (dense / γ-MoD) | "
+        "torch dense ms | decode tok/s (dense / γ-MoD) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["cases"]:
+        if "skipped" in r:
+            lines.append(f"| {r['name']} | {r['batch']} | | skipped: {r['skipped']} | | | | | | | | | | |")
+            continue
+        tok = (f"{r['tokens_per_s_dense']:.1f} / {r['tokens_per_s_mod']:.1f}" if r["kind"] == "decode" else "–")
+        lines.append(
+            f"| {r['name']} | {r['batch']} | {r['seq_len']} | {_ms(r['dense_stats'])} | {_ms(r['mod_stats'])} | "
+            f"{_fmt(r['speedup'], '.2f')}× | {_fmt(r['flop_bound_speedup'], '.2f')}× | "
+            f"{_fmt(r['speedup_over_bound'], '.2f')} | {r['skip_ratio']:.3f} | "
+            f"{_gflop(r['dense_flops_analytic'], r['dense_flops_xla'])} | "
+            f"{_gflop(r['mod_flops_analytic'], r['mod_flops_xla'])} | "
+            f"{r['compile_s_dense']:.1f} / {r['compile_s_mod']:.1f} | "
+            f"{_ms(r.get('torch_dense_stats'))} | {tok} |")
+    if any(r.get("mfu_dense") is not None for r in result["cases"]):
+        lines += ["", "MFU (analytic FLOPs / time / bf16 peak "
+                  f"{_fmt(result.get('peak_tflops'), '.0f')} TFLOP/s): " + "; ".join(
+                      f"{r['name']} dense {100 * r['mfu_dense']:.1f}%, γ-MoD {100 * r['mfu_mod']:.1f}%"
+                      for r in result["cases"] if r.get("mfu_dense") is not None) + "."]
+    paper = result.get("paper_formula")
+    if paper:
+        lines += ["", f"The paper's TFLOPs formula (LLM decoder only, F(L)=8Ld²+4L²d+6Ld·d_ff, "
+                  f"{paper['n_dense']} dense + {paper['n_mod']} MoD layers) at L={paper['seq_len']}: dense "
+                  f"{paper['dense_tflops']:.4f}, γ-MoD at skip {paper['skip_ratio']:.3f} {paper['mod_tflops']:.4f} "
+                  f"TFLOPs ({paper['dense_tflops'] / paper['mod_tflops']:.2f}×)."]
+    lines += ["", "**How to read.** *FLOP bound* = analytic dense FLOPs / analytic γ-MoD FLOPs at the realised "
+              "skip ratio (vision tower, projector, every decoder layer with GQA widths, full QKᵀ/AV square as "
+              "executed, router, lm_head on the last position for prefill and on all positions for training; "
+              "training = 3× forward for the trainable parts, 1× for the frozen tower): the speedup a perfect "
+              "implementation would reach. *speedup / bound* near 1 means routing overhead (router, top-k, "
+              "gather/scatter) costs nothing measurable; well below 1 means it does. *skip* = tokens not "
+              "processed / tokens entering, over all MoD layers (decode rows: over decode tokens). XLA FLOPs "
+              "come from XLA's cost analysis of a fully unrolled twin of each program and include elementwise "
+              "ops the analytic count leaves out (a few % above it); decode loops have no XLA count (a "
+              "data-dependent while loop). Decode tok/s = batch × (new tokens − 1) / decode-loop time (the "
+              "first new token comes from the prefill); at batch 1 a MoD layer really skips its compute for a "
+              "token whose keep-prob is below the decode threshold, at larger batches rows are masked, so "
+              "only shorter MoD-layer KV caches save work. The PyTorch column is HF eager-mode Python, a "
+              "reference point, not a tuned baseline. Timings on a shared machine are noisy: compare ratios "
+              "within one run, and check the load average above."]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+
+
+def run(config: BenchConfig, only: tuple[str, ...] = (), on_case: Callable[[list[dict]], None] | None = None) -> dict:
+    """Run the cases; `on_case(rows)` is called after each one (the CLI saves partial results
+    there, so a run cut short by a time limit still leaves the cases it finished)."""
+    machine = machine_info()
+    date = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    _log(f"building dense + γ-MoD models ({config.model.text.num_layers} layers, d={config.model.text.hidden_size})")
+    t0 = time.perf_counter()
+    dense, mod = build_models(config)
+    jax.block_until_ready(mod.params)
+    init_s = time.perf_counter() - t0
+    peak = config.peak_tflops * 1e12 if config.peak_tflops else F.peak_flops(machine["device_kind"])
+    ctx = Context(config=config, dense=dense, mod=mod, peak=peak)
+    rows = []
+    for case in config.cases:
+        if only and case.name not in only:
+            continue
+        _log(f"case {case.name}")
+        t_case = time.perf_counter()
+        row = RUNNERS[case.kind](ctx, case)
+        rows.append(row)
+        if on_case is not None:
+            on_case(rows)
+        if "skipped" in row:
+            _log(f"  skipped: {row['skipped']}")
+        else:
+            _log(f"  dense {row['dense_ms']:.1f} ms, γ-MoD {row['mod_ms']:.1f} ms, speedup "
+                 f"{_fmt(row['speedup'], '.2f')} (bound {_fmt(row['flop_bound_speedup'], '.2f')}), skip "
+                 f"{row['skip_ratio']:.3f} [{time.perf_counter() - t_case:.0f} s]")
+    torch_info = None
+    if config.torch_baseline:
+        _log("PyTorch baseline")
+        torch_info = torch_prefill_baseline(ctx, rows)
+    mod_cfg = mod.config
+    skips = [r["skip_ratio"] for r in rows if r.get("kind") == "prefill" and "skip_ratio" in r]
+    paper = None
+    if skips:
+        n_mod = len(mod_cfg.mod_layers)
+        t = mod_cfg.text
+        paper = {"seq_len": config.seq_len, "n_dense": t.num_layers - n_mod, "n_mod": n_mod,
+                 "skip_ratio": skips[0],
+                 "dense_tflops": F.paper_tflops(config.seq_len, t.hidden_size, t.intermediate_size,
+                                                t.num_layers - n_mod, n_mod, 0.0),
+                 "mod_tflops": F.paper_tflops(config.seq_len, t.hidden_size, t.intermediate_size,
+                                              t.num_layers - n_mod, n_mod, skips[0])}
+    try:
+        machine["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    cfg_json = {**_jsonable(config), "seq_len": config.seq_len, "mod_layers_resolved": list(mod_cfg.mod_layers),
+                "routing_rule": _routing_rule(config, mod_cfg),
+                "decode_rule": f"a decode token skips a MoD layer iff keep-prob < {mod_cfg.mod.decode_threshold}",
+                "num_params_dense": dense.num_params, "num_params_mod": mod.num_params, "init_s": init_s}
+    return _jsonable({"machine": machine, "date": date, "config": cfg_json, "image_tokens": config.model.image_seq_length,
+                      "peak_tflops": peak / 1e12 if peak else None, "paper_formula": paper, "torch": torch_info,
+                      "cases": rows})
+
+
+def _routing_rule(config: BenchConfig, mod_cfg: ModelConfig) -> str:
+    if mod_cfg.mod.inference_routing == "capacity":
+        return (f"capacity (the training top-k rule): each row skips floor({config.routing_ratio} × routable) "
+                f"tokens per MoD layer, routable = `{config.masking}` masking "
+                f"({', '.join(tt.NAMES[i] for i in mod_cfg.mod.routable_types)})")
+    return (f"threshold (official inference rule): keep iff keep-prob > {mod_cfg.mod.prefill_threshold}, "
+            f"at most {mod_cfg.mod.threshold_max_capacity:.0%} of the tokens")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m gmod_jax.bench", description=__doc__.split("\n\n")[1])
+    p.add_argument("--config", help="Python file defining get_config() -> BenchConfig")
+    p.add_argument("--json", help="where to write the results (JSON)")
+    p.add_argument("--markdown", help="BENCHMARKS.md to update (only this config's section is rewritten)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field, e.g. --set repeats=3 --set model.text.num_layers=4")
+    p.add_argument("--only", action="append", default=[], metavar="CASE", help="run only these cases (by name)")
+    p.add_argument("--from-json", metavar="JSON",
+                   help="measure nothing: rewrite the --markdown section from an earlier run's JSON (e.g. "
+                        "results fetched from a GPU machine)")
+    args = p.parse_args(argv)
+    if args.from_json:
+        if not args.markdown:
+            p.error("--from-json needs --markdown")
+        result = json.loads(Path(args.from_json).read_text())
+        if result.get("partial"):
+            p.error(f"{args.from_json} holds a partial run ({len(result['cases'])} case(s)); finish the run first")
+        section = result["config"]["section"]
+        update_markdown(args.markdown, section, render_markdown(result, result.get("command", "python -m gmod_jax.bench")))
+        _log(f"updated section '{section}' of {args.markdown} from {args.from_json}")
+        return 0
+    if not args.config or not args.json:
+        p.error("--config and --json are required (unless --from-json)")
+    config = load_config(args.config)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set needs FIELD=VALUE, got {item!r}")
+        config = apply_override(config, key.strip(), value.strip())
+    if config.require_platform and jax.default_backend() != config.require_platform:
+        print(f"{config.title}: needs a '{config.require_platform}' JAX backend, found "
+              f"'{jax.default_backend()}' ({jax.devices()[0].device_kind}); nothing was run.")
+        return 0
+    unknown = set(args.only) - {c.name for c in config.cases}
+    if unknown:
+        p.error(f"unknown case(s) {sorted(unknown)}; config has {[c.name for c in config.cases]}")
+    command = shlex.join(["python", "-m", "gmod_jax.bench", *argv])
+
+    def save_partial(rows):
+        partial = {"partial": True, "command": command, "config": _jsonable(config), "cases": _jsonable(rows)}
+        write_atomic(Path(args.json), json.dumps(partial, indent=2) + "\n")
+
+    result = run(config, tuple(args.only), save_partial)
+    result["command"] = command
+    write_atomic(Path(args.json), json.dumps(result, indent=2) + "\n")
+    _log(f"wrote {args.json}")
+    if args.markdown:
+        update_markdown(args.markdown, config.section, render_markdown(result, result["command"]))
+        _log(f"updated section '{config.section}' of {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    # Run through the importable module so config files (which import gmod_jax.bench) and this
+    # entry point share one BenchConfig class.
+    from gmod_jax.bench import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Dense vs γ-MoD on one GPU, LLaVA-1.5-7B shapes with random bf16 weights (configs/bench_gpu.py):
+# prefill at batch 1 and 8, decode of 32 tokens at batch 1 and 8, MFU. Writes the JSON and the
+# `gpu` section of BENCHMARKS.md. No downloads. Estimated 5-9 minutes on an H200, mostly XLA
+# compiles (13 programs); not yet measured on a GPU.
+#
+#   bash scripts/gpu_bench.sh [extra gmod_jax.bench arguments, e.g. --set repeats=3]
+#
+# Env: PYTHON (interpreter with a CUDA jax; default .venv/bin/python, else python3),
+# BENCH_JSON (default runs/bench_gpu.json; rewritten after every case, so a run cut short keeps
+# what it finished). When $OUT is set (device-machine runs), the JSON and BENCHMARKS.md are also
+# copied there; locally, `python -m gmod_jax.bench --from-json runs/bench_gpu.json --markdown
+# BENCHMARKS.md` puts the fetched results into the local file. Without a GPU it prints why and
+# exits 0. Split a run with `--only prefill_b1 --only decode_b1_n32` etc.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+if ! backend=$("$PYTHON" -c 'import jax; print(jax.default_backend())' 2>/dev/null); then
+  echo "gpu_bench: $PYTHON cannot import jax; nothing was run."
+  exit 0
+fi
+if [ "$backend" != "gpu" ]; then
+  echo "gpu_bench: no GPU visible to JAX ($PYTHON reports backend '$backend'); nothing was run."
+  exit 0
+fi
+
+# A rerun on the same machine (e.g. after hitting a time limit) reuses compiled programs.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/gmod_jax_compile_cache}"
+json="${BENCH_JSON:-runs/bench_gpu.json}"
+status=0
+"$PYTHON" -m gmod_jax.bench --config configs/bench_gpu.py --json "$json" --markdown BENCHMARKS.md "$@" || status=$?
+
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+  for f in "$json" BENCHMARKS.md; do
+    if [ -f "$f" ]; then cp "$f" "$OUT"/; fi
+  done
+fi
+exit "$status"
