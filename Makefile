@@ -28,7 +28,7 @@ test-fast: $(VENV)/.dev
 	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
 bench: $(VENV)/.dev
-	$(PY) -m gmod_jax.bench --config configs/bench_cpu.py --json runs/bench_cpu.json
+	$(PY) -m gmod_jax.bench --config configs/bench_cpu.py --json runs/bench_cpu.json --markdown BENCHMARKS.md
 
 clean:
 	rm -rf runs .pytest_cache

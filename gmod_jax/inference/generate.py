@@ -33,7 +33,7 @@ import numpy as np
 from gmod_jax import routing
 from gmod_jax import token_types as tt
 from gmod_jax.config import ModelConfig
-from gmod_jax.inference.kv_cache import KVCache, append_rows, decode_layer, pad_slots
+from gmod_jax.inference.kv_cache import KVCache, decode_layer, pad_slots
 from gmod_jax.layers.attention import causal_mask
 from gmod_jax.layers.dtypes import DTYPES
 from gmod_jax.layers.rope import inv_freq_and_scale, rope_cos_sin
@@ -257,27 +257,29 @@ def _decode_step(config: ModelConfig, spec: CacheSpec, params, cache: KVCache, t
     x = _embed_tokens(config, params, token[:, None])
     dk, dv = cache.dense_k, cache.dense_v
     mk, mv, mvalid, mlen, mpos = cache.mod_k, cache.mod_v, cache.mod_valid, cache.mod_length, cache.mod_next_pos
+    # The layer scans only READ the caches (closed over, never carried) and return the new
+    # token's keys/values; they are written once per group after its scan. Updating a carried
+    # cache inside the scan made XLA copy the whole stacked cache for every layer and step.
+    rows = jnp.arange(b)
     ran = []
     dense_i = mod_i = 0
     for start, stop, is_mod in layer_groups(config.text.num_layers, mods):
         group = jax.tree.map(lambda a: a[start:stop], layers)
         n = stop - start
         if not is_mod:
-            def dense_step(carry, xs):
-                h, dk, dv = carry
+            def dense_step(h, xs, dk=dk, dv=dv):
                 p, l = xs
-                h, (k, v) = decode_layer(config, p, h, cos, sin, dk[l], dv[l], cache.dense_valid)
-                # Every row writes the same absolute slot T + step.
-                dk = jax.lax.dynamic_update_slice(dk, k[None], (l, 0, slot, 0, 0))
-                dv = jax.lax.dynamic_update_slice(dv, v[None], (l, 0, slot, 0, 0))
-                return (h, dk, dv), None
+                h, kv = decode_layer(config, p, h, cos, sin, dk[l], dv[l], cache.dense_valid)
+                return h, kv
 
-            (x, dk, dv), _ = jax.lax.scan(dense_step, (x, dk, dv), (group, jnp.arange(dense_i, dense_i + n)))
+            x, (ks, vs) = jax.lax.scan(dense_step, x, (group, jnp.arange(dense_i, dense_i + n)))
+            # Every row writes the same absolute slot T + step.
+            dk = jax.lax.dynamic_update_slice(dk, ks.astype(dk.dtype), (dense_i, 0, slot, 0, 0))
+            dv = jax.lax.dynamic_update_slice(dv, vs.astype(dv.dtype), (dense_i, 0, slot, 0, 0))
             dense_i += n
             continue
 
-        def mod_step(carry, xs):
-            h, mk, mv, mvalid, mlen, mpos = carry
+        def mod_step(h, xs, mk=mk, mv=mv, mvalid=mvalid, mpos=mpos):
             p, l, r = xs
             kernel = router if r is None else r
             prob = routing.router_probs(router_logits(config, p, kernel, h))  # [B, 1]
@@ -297,18 +299,20 @@ def _decode_step(config: ModelConfig, spec: CacheSpec, params, cache: KVCache, t
             else:
                 y, (k, v) = run(None)
             h = jnp.where(keep[:, None, None], y, h)
-            # Writing at the row's next slot is harmless when the row skipped: that slot stays
-            # invalid and the next token that runs the layer overwrites it.
-            slots = mlen[l]
-            mk = append_rows(mk, l, slots, k[:, 0])
-            mv = append_rows(mv, l, slots, v[:, 0])
-            mvalid = append_rows(mvalid, l, slots, keep)
-            step = keep.astype(jnp.int32)
-            return (h, mk, mv, mvalid, mlen.at[l].add(step), mpos.at[l].add(step)), keep
+            return h, (k[:, 0], v[:, 0], keep)
 
-        (x, mk, mv, mvalid, mlen, mpos), keeps = jax.lax.scan(
-            mod_step, (x, mk, mv, mvalid, mlen, mpos),
-            (group, jnp.arange(mod_i, mod_i + n), _group_routers(config, router, start, stop)))
+        x, (ks, vs, keeps) = jax.lax.scan(
+            mod_step, x, (group, jnp.arange(mod_i, mod_i + n), _group_routers(config, router, start, stop)))
+        # Each row appends at its own next slot of each layer. Writing there when the row skipped
+        # is harmless: the slot stays invalid and the next token that runs the layer overwrites it.
+        layer_idx = jnp.arange(mod_i, mod_i + n)[:, None]
+        slots = mlen[mod_i:mod_i + n]
+        mk = mk.at[layer_idx, rows[None], slots].set(ks.astype(mk.dtype), unique_indices=True)
+        mv = mv.at[layer_idx, rows[None], slots].set(vs.astype(mv.dtype), unique_indices=True)
+        mvalid = mvalid.at[layer_idx, rows[None], slots].set(keeps, unique_indices=True)
+        step = keeps.astype(jnp.int32)
+        mlen = mlen.at[mod_i:mod_i + n].add(step)
+        mpos = mpos.at[mod_i:mod_i + n].add(step)
         ran.append(keeps)
         mod_i += n
 

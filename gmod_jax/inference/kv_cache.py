@@ -107,13 +107,3 @@ def decode_layer(config: ModelConfig, p, x, cos, sin, k_cache, v_cache, cache_va
     if mlp_scale is not None:
         m = m * mlp_scale[..., None].astype(m.dtype)
     return x + m, (k, v)
-
-
-def append_rows(buffer, layer, slots, values):
-    """buffer[layer, b, slots[b]] = values[b] for every row b (per-row write positions).
-
-    A plain scatter into the stacked buffer: inside the decode `while_loop` XLA updates it in
-    place, so only one token's entries move per layer and step.
-    """
-    rows = jnp.arange(slots.shape[0])
-    return buffer.at[layer, rows, slots].set(values.astype(buffer.dtype), unique_indices=True)
