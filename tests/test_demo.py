@@ -1,0 +1,122 @@
+"""`python -m gmod_jax.demo` and `python -m gmod_jax.ablation` end to end at a drastically reduced
+size (configs/demo_smoke.py): every stage runs through the real train / ARank / convert / eval /
+visualize code, all artefacts and report sections exist, and a second run reuses every stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gmod_jax import ablation, demo
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "configs" / "demo_smoke.py"
+
+STAGES = ("dataset", "tokenizer", "tfds", "pretrain", "dense", "arank", "adapt", "mod_ft", "dense_ft", "eval_dense",
+          "eval_dense_ft", "eval_mod_ft", "routing", "speed")
+ARTEFACTS = (
+    "data/synthetic/manifest.json", "data/synthetic/train.json", "data/heldout_gqa/questions.jsonl",
+    "data/tokenizer/tokenizer.model",
+    "data/tfds/llava_conversations/synthetic_qa_vicuna_v1/1.0.0/dataset_info.json",
+    "data/tfds/llava_conversations/synthetic_captions_plain/1.0.0/dataset_info.json",
+    "train/pretrain/metrics.jsonl", "train/dense/metrics.jsonl", "train/mod_ft/metrics.jsonl",
+    "train/dense_ft/metrics.jsonl",
+    "ckpt/pretrain/config.json", "ckpt/dense/config.json", "ckpt/dense/tokenizer.model", "ckpt/mod_init/config.json",
+    "ckpt/mod_ft/config.json", "ckpt/dense_ft/config.json",
+    "arank/arank.json", "arank/arank.png", "eval/dense/metrics.json", "eval/dense_ft/metrics.json",
+    "eval/mod_ft/metrics.json", "eval/mod_ft/answers.jsonl", "routing/routing_summary.json",
+    "routing/skip_rate_by_token_type.png", "routing/overlay_0.png", "loss_curves.png", "summary.json", "report.md",
+)
+SECTIONS = ("## Acceptance targets", "## Results on the held-out split", "## Prefill speed", "## ARank",
+            "## Training", "## Where γ-MoD skips", "## Set-up", "## Stage times")
+
+
+def test_demo_smoke_end_to_end_and_cache(tmp_path):
+    cfg = demo.load_config(SMOKE)
+    lines: list[str] = []
+    first = demo.main(["--workdir", str(tmp_path)], config=cfg, echo=lines.append)
+    assert set(first["ran"]) == set(STAGES) and not first["cached"]
+    for rel in ARTEFACTS:
+        assert (tmp_path / rel).is_file(), rel
+    report = (tmp_path / "report.md").read_text()
+    for section in SECTIONS:
+        assert section in report, section
+    for image in ("arank/arank.png", "loss_curves.png", "routing/skip_rate_by_token_type.png",
+                  "routing/overlay_0.png"):
+        assert f"]({image})" in report, image
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    mod_layers = summary["mod_layers"]
+    assert len(mod_layers) == cfg.model.text.num_layers - cfg.num_dense
+    assert json.loads((tmp_path / "ckpt/mod_ft/config.json").read_text())["mod"]["layers"] == mod_layers
+    ev = summary["eval"]
+    assert ev["dense"]["prefill_skip_ratio"] == 0.0 and ev["mod_ft"]["mod_layers"] == mod_layers
+    assert ev["dense"]["n"] == ev["mod_ft"]["n"] == summary["dataset"]["questions"]
+    assert 0.0 <= summary["routing"]["routable_skip"] <= 1.0
+    assert summary["speed"]["ms_per_sample_dense"] > 0 and summary["speed"]["ms_per_sample_mod"] > 0
+    assert {c["what"].split()[0] for c in summary["criteria"]} >= {"dense", "γ-MoD", "all"}
+
+    # Second run: every stage comes from its stamp; only the report is rewritten.
+    lines.clear()
+    second = demo.main(["--workdir", str(tmp_path)], config=cfg, echo=lines.append)
+    assert not second["ran"] and set(second["cached"]) == set(STAGES)
+    assert second["eval"] == first["eval"]
+    assert second["total_seconds_this_run"] < 15
+
+    # A changed fine-tune setting reruns the fine-tunes and what depends on them, nothing upstream.
+    third = demo.main(["--workdir", str(tmp_path), "--set", "finetune.optim.lr=0.002"], config=cfg,
+                      echo=lines.append)
+    assert set(third["ran"]) == {"mod_ft", "dense_ft", "eval_dense_ft", "eval_mod_ft", "routing", "speed"}
+
+
+def test_question_kinds_cover_every_generated_question():
+    from gmod_jax.data.synthetic import SyntheticConfig, make_sample
+
+    cfg = SyntheticConfig(max_turns=3, text_only_fraction=0.0)
+    kinds = set()
+    for i in range(300):
+        for turn in make_sample(0, "train", i, cfg)["conversations"][::2]:
+            kind = demo.question_kind(turn["value"])
+            assert kind in demo.QUESTION_FAMILIES, turn["value"]
+            kinds.add(kind)
+    assert kinds == set(demo.QUESTION_FAMILIES)
+
+
+def test_ablation_smoke(tmp_path):
+    cfg = demo.load_config(SMOKE)
+    out = ablation.main(["--workdir", str(tmp_path / "ablation"), "--demo-workdir", str(tmp_path / "demo"),
+                         "--steps", "1", "--only", "dense_ft", "all_layers"], config=cfg, echo=lambda s: None)
+    rows = {r["name"]: r for r in out["rows"]}
+    assert set(rows) == {"dense_ft", "all_layers"}
+    assert rows["all_layers"]["mod_layers"] == list(range(cfg.model.text.num_layers))
+    assert rows["dense_ft"]["prefill_skip_ratio"] == 0.0
+    assert rows["all_layers"]["paper_gflops"] <= rows["dense_ft"]["paper_gflops"]
+    table = (tmp_path / "ablation" / "ablation.md").read_text()
+    assert "| MoD layer | All layers |" in table and "| Dense |" in table
+    assert json.loads((tmp_path / "ablation" / "ablation.json").read_text())["steps"] == 1
+
+
+def test_ablation_rows_that_coincide_share_a_run():
+    cfg = demo.load_config(SMOKE)
+    from gmod_jax import token_types as tt
+
+    present = frozenset({tt.SYSTEM, tt.IMAGE, tt.QUESTION, tt.ANSWER})
+
+    class _Prep:  # only the model is read by `resolve`
+        model = cfg.model
+
+    keys = {r.name: ablation.run_key(ablation.resolve(r, cfg, _Prep, (1, 2)), present) for r in ablation.ROWS}
+    assert keys["arank"] == keys["shared"] == keys["ratio_50"] == keys["mask_qa"]  # official == Q+A on image data
+    assert len({keys[n] for n in ("mask_none", "mask_q", "not_shared", "all_layers", "every_2nd", "ratio_17")}) == 6
+
+
+@pytest.mark.parametrize("text,kind", [("What color is the star?", "color"),
+                                       ("How many red shapes are there?", "count_color"),
+                                       ("How many circles are there?", "count_shape"),
+                                       ("Is there a blue square?", "presence"),
+                                       ("Is the red circle on the left or the right?", "left_right"),
+                                       ("Which shape is at the top?", "top_bottom")])
+def test_question_kind(text, kind):
+    assert demo.question_kind("<image>\n" + text) == kind
