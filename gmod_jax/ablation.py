@@ -1,7 +1,7 @@
 """The paper's Table 1 ablations on the synthetic task: `python -m gmod_jax.ablation`.
 
     python -m gmod_jax.ablation --workdir runs/ablation [--demo-workdir runs/demo] [--steps N]
-        [--only NAME ...] [--eval-limit N] [--config configs/demo.py] [--set key=value ...]
+        [--only NAME ...] [--eval-limit N] [--config configs/demo_default.py] [--set key=value ...]
 
 Starts from the demo's dense checkpoint (`<demo-workdir>/ckpt/dense`, trained with the demo's
 stages if it is missing, reused if it is there) and its ARank report, and for each row adapts the
@@ -190,7 +190,7 @@ def main(argv=None, config: DemoConfig | None = None, echo: Callable[[str], None
     ap.add_argument("--only", nargs="+", default=[], metavar="NAME",
                     help=f"rows to run: {', '.join([DENSE_ROW] + [r.name for r in ROWS])}")
     ap.add_argument("--eval-limit", type=int, default=None, help="evaluate the first N held-out questions only")
-    ap.add_argument("--config", default=None, help="demo config file (default configs/demo.py)")
+    ap.add_argument("--config", default=None, help="demo config file (default configs/demo_default.py)")
     ap.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                     help="override DemoConfig fields (as for python -m gmod_jax.demo)")
     args = ap.parse_args(argv)

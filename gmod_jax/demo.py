@@ -1,6 +1,6 @@
 """γ-MoD end to end on the embedded synthetic task: `python -m gmod_jax.demo --workdir runs/demo`.
 
-    python -m gmod_jax.demo --workdir runs/demo [--config configs/demo.py] [--set key=value ...]
+    python -m gmod_jax.demo --workdir runs/demo [--config configs/demo_default.py] [--set key=value ...]
         [--rerun STAGE ...]
 
 No downloads, CPU only. The stages are the ones a researcher runs on a real LLaVA checkpoint,
@@ -56,7 +56,7 @@ from train.config import TrainConfig
 
 log = logging.getLogger("gmod_jax.demo")
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.py"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_default.py"
 TFDS_QA = "synthetic_qa_vicuna_v1"  # TFDS config names of the two pre-tokenised datasets
 TFDS_CAPTIONS = "synthetic_captions_plain"
 TEMPLATE = "vicuna_v1"  # instruction data and evaluation
