@@ -42,9 +42,9 @@ def get_config() -> DemoConfig:
     return DemoConfig(
         model=model,
         pretrain=recipe(400, 3e-3, 80),  # plain captions: 1 + 49 + caption
-        dense_train=recipe(600, 2e-3, 136),  # vicuna_v1 questions: 33 system + 49 image + 1-3 turns
+        dense_train=recipe(500, 2e-3, 136),  # vicuna_v1 questions: 33 system + 49 image + 1-3 turns
         finetune=recipe(150, 1e-3, 136, trainable=(r"^projector/", r"^llm/")),  # stage 2: vision tower frozen
-        synthetic=synthetic, num_train=12000, num_eval=300, vocab_size=512, tokenizer_texts=2000,
+        synthetic=synthetic, num_train=10000, num_eval=300, vocab_size=512, tokenizer_texts=2000,
         arank_samples=50, num_dense=2, routing_ratio=0.5, masking="official",
         eval_batch=64, speed_batch=16, speed_repeats=5, routing_samples=64, num_overlays=3,
     )

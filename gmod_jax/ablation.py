@@ -92,11 +92,12 @@ def run_key(settings: dict, present_types: frozenset[int]) -> str:
 def run_ablation(cfg: DemoConfig, workdir: str | os.PathLike, demo_workdir: str | os.PathLike, steps: int | None,
                  only: tuple[str, ...] = (), echo: Callable[[str], None] = print) -> dict:
     t0 = time.perf_counter()
-    root = Path(workdir)
+    root = Path(workdir).resolve()  # Orbax refuses relative checkpoint paths
+    demo_workdir = Path(demo_workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     if cfg.compilation_cache:
-        enable_compilation_cache(Path(demo_workdir) / "xla_cache")
-    prep = prepare(cfg, Path(demo_workdir), Stages(Path(demo_workdir), echo=echo))
+        enable_compilation_cache(demo_workdir / "xla_cache")
+    prep = prepare(cfg, demo_workdir, Stages(demo_workdir, echo=echo))
     demo_stages = prep.stages
     stages = Stages(root, echo=echo)
     stages.done.update({k: v for k, v in demo_stages.done.items()})  # upstream fingerprints
@@ -117,7 +118,7 @@ def run_ablation(cfg: DemoConfig, workdir: str | os.PathLike, demo_workdir: str 
     def evaluate(name: str, ckpt: Path, dep: str) -> dict:
         return stages.run(f"eval_{name}", (cfg.eval_batch, cfg.eval_limit, cfg.eval_max_new_tokens, prep.bucket),
                           [paths.eval(name) / "metrics.json"],
-                          lambda: eval_stage(ckpt, Paths(Path(demo_workdir)), paths.eval(name), cfg, prep.bucket),
+                          lambda: eval_stage(ckpt, prep.paths, paths.eval(name), cfg, prep.bucket),
                           deps=(dep,)).result
 
     if not only or DENSE_ROW in only:

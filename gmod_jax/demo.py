@@ -644,7 +644,7 @@ def run_demo(cfg: DemoConfig, workdir: str | os.PathLike, rerun: tuple[str, ...]
     """Run (or reuse) every stage; write the report; return a summary of the run."""
     t_start = time.perf_counter()
     load_start = os.getloadavg()
-    root = Path(workdir)
+    root = Path(workdir).resolve()  # Orbax refuses relative checkpoint paths
     root.mkdir(parents=True, exist_ok=True)
     stages = Stages(root, rerun, echo)
     if cfg.compilation_cache:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 LOSS_PNG = "loss_curves.png"
-STAGE_ORDER = ("dataset", "tokenizer", "tfds", "dense", "arank", "adapt", "mod_ft", "dense_ft", "eval_dense",
+STAGE_ORDER = ("dataset", "tokenizer", "tfds", "pretrain", "dense", "arank", "adapt", "mod_ft", "dense_ft", "eval_dense",
                "eval_dense_ft", "eval_mod_ft", "routing", "speed")
 
 
@@ -33,17 +33,21 @@ def plot_losses(root: Path, path: Path) -> None:
     fine-tunes; the γ-MoD router loss and training skip ratio."""
     from gmod_jax.demo import read_metrics
 
-    runs = {name: read_metrics(root / "train" / name / "metrics.jsonl") for name in ("dense", "mod_ft", "dense_ft")}
+    runs = {name: read_metrics(root / "train" / name / "metrics.jsonl")
+            for name in ("pretrain", "dense", "mod_ft", "dense_ft")}
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
 
-    def curve(ax, recs, key, **kw):
-        pts = [(r["step"], r[key]) for r in recs if key in r]
+    def curve(ax, recs, key, offset=0, **kw):
+        pts = [(r["step"] + offset, r[key]) for r in recs if key in r]
         if pts:
             ax.plot(*zip(*pts), **kw)
 
-    curve(axes[0], runs["dense"], "lm_loss", color="tab:blue", label="dense, from scratch")
-    axes[0].set_title("stage 1: dense LLaVA (vision + projector + LLM)")
+    # The question phase continues the captions phase: one step axis for both.
+    offset = runs["pretrain"][-1]["step"] if runs["pretrain"] else 0
+    curve(axes[0], runs["pretrain"], "lm_loss", color="tab:purple", label="captions (plain)")
+    curve(axes[0], runs["dense"], "lm_loss", offset, color="tab:blue", label="questions (vicuna_v1)")
+    axes[0].set_title("dense LLaVA from scratch (vision + projector + LLM)")
     curve(axes[1], runs["dense_ft"], "lm_loss", color="tab:blue", label="dense fine-tune")
     curve(axes[1], runs["mod_ft"], "lm_loss", color="tab:orange", label="γ-MoD fine-tune")
     axes[1].set_title("stage 2: LM loss, same budget")
@@ -106,7 +110,7 @@ def write_report(root: Path, cfg, s: dict) -> Path:
         "ratios are over the MoD layers' prefill; *routable* = the token types masked routing lets the "
         f"router skip ({', '.join(rt['routable_types'])}).\n")
     add("| model | accuracy | colour | count | presence | position | prefill skip (all prompt tokens) "
-        "| routable tokens skipped | paper TFLOPs (LLM prefill) |")
+        "| routable tokens skipped | LLM prefill GFLOPs / sample (paper formula) |")
     add("|---|---|---|---|---|---|---|---|---|")
     rows = (("dense, stage 1 (from scratch)", "dense"), ("dense fine-tune (baseline)", "dense_ft"),
             (f"γ-MoD fine-tune ({len(mod_layers)}/{n_layers} MoD layers)", "mod_ft"))
@@ -116,7 +120,7 @@ def write_report(root: Path, cfg, s: dict) -> Path:
         routable = _pct(rt["routable_skip"]) if key == "mod_ft" else "0%"
         add(f"| {label} | **{e['accuracy']:.2f}%** | " + " | ".join(_fmt(fam.get(f), ".1f") for f in
                                                                    ("colour", "count", "presence", "position"))
-            + f" | {_pct(e['prefill_skip_ratio'])} | {routable} | {e['flops'].get('tflops', 0) * 1e3:.4f} GFLOPs |")
+            + f" | {_pct(e['prefill_skip_ratio'])} | {routable} | {e['flops'].get('tflops', 0) * 1e3:.4f} |")
     add("")
     kinds = sorted(ev["dense"]["per_kind"])
     add("Accuracy per question kind (%):\n")
@@ -141,10 +145,13 @@ def write_report(root: Path, cfg, s: dict) -> Path:
     add("")
 
     add("## ARank\n")
-    add(f"ARank (rank of each layer's attention maps, mean over heads) of the stage-1 dense model on "
+    add(f"ARank (rank of each layer's attention maps, mean over heads) of the dense model on "
         f"{ar['num_samples']} held-out image questions (`gmod_jax.arank_cli`). Rule: {ar['rule']} "
         f"(the paper keeps 4 of 32 layers dense; {cfg.num_dense} of {n_layers} here). MoD layers: "
         f"{ar['mod_layers']}; dense: {ar['dense_layers']}.\n")
+    if ar.get("tie_break"):
+        add(f"ARank tied at the dense/MoD boundary (its own rule would make only {ar['arank_mod_layers']} MoD); "
+            "the tie was broken towards keeping earlier layers dense, as the paper's result for Vicuna does.\n")
     add("![ARank per layer](arank/arank.png)\n")
     add("| layer | " + " | ".join(str(i) for i in range(n_layers)) + " |")
     add("|---|" + "---|" * n_layers)
@@ -155,25 +162,36 @@ def write_report(root: Path, cfg, s: dict) -> Path:
     add(f"![loss curves]({LOSS_PNG})\n")
     dt, ft = s["dense_train"], s["finetune"]
     dcfg, fcfg = cfg.dense_train, cfg.finetune
-    add("| run | init | trainable | steps × batch | lr (peak, schedule) | final LM loss | final router loss "
+    add("| run | data | init | trainable | steps × batch | lr (peak, schedule) | final LM loss | final router loss "
         "| train skip | time |")
-    add("|---|---|---|---|---|---|---|---|---|")
+    add("|---|---|---|---|---|---|---|---|---|---|")
     st = s["stage_seconds"]
-    add(f"| dense, stage 1 | random | {', '.join(dcfg.optim.trainable)} | {dt['steps']} × {dcfg.global_batch} "
+    if s.get("pretrain") and cfg.pretrain is not None:
+        pt, pcfg = s["pretrain"], cfg.pretrain
+        add(f"| dense, captions | captions, `plain` | random | {', '.join(pcfg.optim.trainable)} "
+            f"| {pt['steps']} × {pcfg.global_batch} | {pcfg.optim.lr:g}, {pcfg.optim.schedule} "
+            f"| {_fmt(pt['final_lm_loss'], '.4f')} | – | – | {st['pretrain']:.0f} s |")
+    add(f"| dense, questions | QA, vicuna_v1 | {'captions run' if cfg.pretrain is not None else 'random'} "
+        f"| {', '.join(dcfg.optim.trainable)} | {dt['steps']} × {dcfg.global_batch} "
         f"| {dcfg.optim.lr:g}, {dcfg.optim.schedule} | {_fmt(dt['final_lm_loss'], '.4f')} | – | – "
         f"| {st['dense']:.0f} s |")
     for key, label, init in (("mod_ft", "γ-MoD fine-tune", "adapted dense"), ("dense_ft", "dense fine-tune",
                                                                               "dense")):
         r = ft[key]
-        add(f"| {label} | {init} | {', '.join(fcfg.optim.trainable)} | {r['steps']} × {fcfg.global_batch} "
+        add(f"| {label} | QA, vicuna_v1 | {init} | {', '.join(fcfg.optim.trainable)} | {r['steps']} × {fcfg.global_batch} "
             f"| {fcfg.optim.lr:g}, {fcfg.optim.schedule} | {_fmt(r['final_lm_loss'], '.4f')} "
             f"| {_fmt(r['final_router_loss'], '.4f')} | {_pct(r['final_train_skip_ratio'])} | {st[key]:.0f} s |")
     add("")
-    add("There is no pretrained CLIP here: stage 1 trains the vision tower, projector and LLM together from "
-        "random weights on the synthetic questions (LLaVA instead aligns a frozen pretrained CLIP on captions, "
-        "then instruction-tunes). Stage 2 follows γ-MoD: vision tower frozen; projector, LLM and the shared "
-        "router trained with masked routing learning "
-        f"(masking `{cfg.masking}`, routing ratio {cfg.routing_ratio}) and the routing loss.\n")
+    add("There is no pretrained CLIP or LLM here: the dense model is trained from random weights, vision tower, "
+        "projector and LLM all trainable, "
+        + ("first on the captions with LLaVA's stage-1 `plain` template (the caption right after the image: "
+           "what teaches the vision tower), then on the questions with vicuna_v1. "
+           if cfg.pretrain is not None else "on the questions with vicuna_v1. ")
+        + "LLaVA itself aligns a frozen pretrained CLIP to a pretrained LLM on captions and then "
+        "instruction-tunes. The γ-MoD stage follows the paper: ARank on the dense model, adaptation, then a "
+        "fine-tune with the vision tower frozen and the projector, LLM and shared router trained with masked "
+        f"routing learning (masking `{cfg.masking}`, routing ratio {cfg.routing_ratio}) and the routing loss; "
+        "the dense baseline gets the same fine-tune without MoD.\n")
 
     add("## Where γ-MoD skips\n")
     add(f"Routing of {rt['samples']} held-out prompts followed by the model's own answer (teacher forced, "

@@ -65,10 +65,41 @@ def test_demo_smoke_end_to_end_and_cache(tmp_path):
     assert second["eval"] == first["eval"]
     assert second["total_seconds_this_run"] < 15
 
-    # A changed fine-tune setting reruns the fine-tunes and what depends on them, nothing upstream.
-    third = demo.main(["--workdir", str(tmp_path), "--set", "finetune.optim.lr=0.002"], config=cfg,
-                      echo=lines.append)
-    assert set(third["ran"]) == {"mod_ft", "dense_ft", "eval_dense_ft", "eval_mod_ft", "routing", "speed"}
+    # A changed setting reruns its stage (and what depends on it) only.
+    third = demo.main(["--workdir", str(tmp_path), "--set", f"routing_samples={cfg.routing_samples - 1}"],
+                      config=cfg, echo=lines.append)
+    assert third["ran"] == ["routing"]
+
+
+def test_stages_rerun_what_changed_and_what_depends_on_it(tmp_path):
+    calls = []
+
+    def pipeline(a_input, b_input, rerun=()):
+        stages = demo.Stages(tmp_path, rerun, echo=lambda s: None)
+        out = tmp_path / "a.txt"
+
+        def stage_a():
+            calls.append("a")
+            out.write_text(str(a_input))
+            return {"value": a_input}
+
+        stages.run("a", a_input, [out], stage_a)
+        stages.run("b", b_input, [], lambda: calls.append("b") or {"value": b_input}, deps=("a",))
+        return stages
+
+    pipeline(1, 1)
+    assert calls == ["a", "b"]
+    stages = pipeline(1, 1)
+    assert calls == ["a", "b"] and stages.done["a"].cached and stages.done["a"].result == {"value": 1}
+    pipeline(1, 2)  # b's input changed: only b
+    assert calls == ["a", "b", "b"]
+    pipeline(2, 2)  # a's input changed: a, and b through its dependency
+    assert calls == ["a", "b", "b", "a", "b"]
+    (tmp_path / "a.txt").unlink()  # a lost output: a reruns; same inputs, so b stays valid
+    pipeline(2, 2)
+    assert calls[5:] == ["a"]
+    pipeline(2, 2, rerun=("b",))
+    assert calls[6:] == ["b"]
 
 
 def test_question_kinds_cover_every_generated_question():
