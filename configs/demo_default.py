@@ -3,7 +3,7 @@
     python -m gmod_jax.demo --workdir runs/demo [--set key=value ...]
 
 Why these sizes:
-- Scenes: 56x56 px on a 2x2 grid, 1-3 large shapes. Patches of 8 px give 49 image tokens: in
+- Scenes: 56x56 px on a 2x2 grid, 1-3 shapes, small or large. Patches of 8 px give 49 image tokens: in
   these runs a model trained from scratch learnt to use the image far sooner with many small
   patches (49) than with a few large ones (16 or 9 tokens), and γ-MoD has background patches
   to skip. Every question family of the generator is kept (colour, count, presence, position).
@@ -12,6 +12,9 @@ Why these sizes:
   scratch; then instruction tuning on the questions with vicuna_v1.
 - The LLM is LLaMA-shaped, 6 layers; 2 of them (the top-ARank ones) stay dense.
 - One sequence-length bucket per stage (all batches pad to it): one compiled train step each.
+
+Measured on 2 CPU cores: 14.1 minutes for all stages, but the dense model reaches only ~54%
+held-out accuracy (targets: 90%); see README "The embedded demo" for what was tried.
 """
 
 from gmod_jax import config as C
