@@ -27,11 +27,9 @@ Method, and why:
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import datetime as _dt
 import importlib
-import importlib.util
 import json
 import math
 import os
@@ -139,33 +137,9 @@ class BenchConfig:
 
 
 def load_config(path: str | os.PathLike) -> BenchConfig:
-    path = Path(path)
-    spec = importlib.util.spec_from_file_location(f"bench_config_{path.stem}", path)
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"cannot import bench config {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"{path} defines no get_config()")
-    config = module.get_config()
-    if not isinstance(config, BenchConfig):
-        raise TypeError(f"{path}: get_config() returned {type(config).__name__}, not BenchConfig")
-    return config
+    from train.config import load_config_file
 
-
-def apply_override(obj, dotted: str, text: str):
-    """`repeats=3`, `model.text.num_layers=4`, `torch_baseline=False`: dataclass fields by dotted
-    path, values parsed as Python literals (bare words stay strings)."""
-    head, _, rest = dotted.partition(".")
-    if not dataclasses.is_dataclass(obj) or head not in {f.name for f in dataclasses.fields(obj)}:
-        raise ValueError(f"unknown config field {dotted!r}")
-    if rest:
-        return dataclasses.replace(obj, **{head: apply_override(getattr(obj, head), rest, text)})
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text
-    return dataclasses.replace(obj, **{head: value})
+    return load_config_file(path, BenchConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -889,12 +863,12 @@ def main(argv=None) -> int:
         return 0
     if not args.config or not args.json:
         p.error("--config and --json are required (unless --from-json)")
-    config = load_config(args.config)
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--set needs FIELD=VALUE, got {item!r}")
-        config = apply_override(config, key.strip(), value.strip())
+    from train.config import OverrideError, apply_overrides
+
+    try:
+        config = apply_overrides(load_config(args.config), args.set)
+    except OverrideError as e:
+        p.error(str(e))
     if config.require_platform and jax.default_backend() != config.require_platform:
         print(f"{config.title}: needs a '{config.require_platform}' JAX backend, found "
               f"'{jax.default_backend()}' ({jax.devices()[0].device_kind}); nothing was run.")

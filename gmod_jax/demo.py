@@ -37,11 +37,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -124,16 +122,9 @@ class DemoConfig:
 
 def load_config(path: str | os.PathLike | None = None) -> DemoConfig:
     """Import a demo config file (configs/demo*.py) and call its `get_config()`."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"demo config file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"_demo_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config()
-    if not isinstance(cfg, DemoConfig):
-        raise TypeError(f"{path}: get_config() returned {type(cfg).__name__}, expected DemoConfig")
-    return cfg
+    from train.config import load_config_file
+
+    return load_config_file(path if path is not None else DEFAULT_CONFIG, DemoConfig)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,8 +38,8 @@ from gmod_jax import token_types as tt
 from gmod_jax.api import Model, routing_capacity
 from gmod_jax.config import ModelConfig
 from gmod_jax.layers.attention import causal_mask
-from gmod_jax.layers.rope import inv_freq_and_scale, rope_cos_sin
-from gmod_jax.models.llama import RoutingPlan, decoder_layer, mod_layer, position_ids, router_logits, select_tokens
+from gmod_jax.models.llama import (RoutingPlan, decoder_layer, mod_layer, position_ids, rope_builder, router_logits,
+                                   select_tokens)
 from gmod_jax.models.llava import LlavaModel
 
 PLOT_TYPES = (tt.SYSTEM, tt.IMAGE, tt.QUESTION, tt.ANSWER)
@@ -71,12 +71,7 @@ def _trace_fn(config: ModelConfig, plan: RoutingPlan):
         llm = params["llm"]
         router = llm["mod_router"]["kernel"]
         positions = position_ids(mask)
-
-        def rope(pos):
-            inv, scale = inv_freq_and_scale(positions, theta=t.rope_theta, dim=t.head_dim,
-                                            scaling=t.rope_scaling_dict, max_pos=t.max_position_embeddings)
-            return rope_cos_sin(pos, inv, scale)
-
+        rope = rope_builder(config, positions)
         cos, sin = rope(positions)
         dense_mask = causal_mask(mask)
         kept, probs = [], []

@@ -10,6 +10,7 @@ import textwrap
 import pytest
 
 from gmod_jax import bench
+from train.config import apply_overrides
 
 TINY_CONFIG = textwrap.dedent('''
     import dataclasses
@@ -55,13 +56,11 @@ def test_replace_section_touches_nothing_else():
 
 def test_override_and_config_validation(tmp_path):
     config = bench.load_config(_write_config(tmp_path))
-    changed = bench.apply_override(config, "model.text.num_layers", "4")
-    changed = bench.apply_override(changed, "torch_baseline", "False")
-    changed = bench.apply_override(changed, "torch_attention", "eager")
+    changed = apply_overrides(config, ["model.text.num_layers=4", "torch_baseline=False", "torch_attention=eager"])
     assert changed.model.text.num_layers == 4 and changed.torch_baseline is False
     assert changed.torch_attention == "eager" and config.model.text.num_layers == 3
-    with pytest.raises(ValueError, match="unknown config field"):
-        bench.apply_override(config, "model.text.nope", "1")
+    with pytest.raises(ValueError, match="unknown config key"):
+        apply_overrides(config, ["model.text.nope=1"])
     with pytest.raises(ValueError, match="dense base model"):
         bench.BenchConfig(section="x", title="x", model=config.mod_model_config(), cases=())
 

@@ -156,31 +156,31 @@ class TrainConfig:
 # Recipe files
 
 
-def load_recipe(path: str | Path) -> TrainConfig:
-    """Import a recipe file and call its `get_config()`."""
+def load_config_file(path: str | Path, expected: type, function: str = "get_config"):
+    """Import a Python config file (recipes, mesh presets, demo and bench configs) and return what
+    its `function()` returns, checked to be an `expected`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"_recipe_{path.stem}", path)
+    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"{path} defines no get_config()")
-    cfg = module.get_config()
-    if not isinstance(cfg, TrainConfig):
-        raise TypeError(f"{path}: get_config() returned {type(cfg).__name__}, expected TrainConfig")
-    return cfg
+    if not hasattr(module, function):
+        raise ValueError(f"{path} defines no {function}()")
+    value = getattr(module, function)()
+    if not isinstance(value, expected):
+        raise TypeError(f"{path}: {function}() returned {type(value).__name__}, expected {expected.__name__}")
+    return value
+
+
+def load_recipe(path: str | Path) -> TrainConfig:
+    """A training recipe file (configs/*.py defining `get_config()`)."""
+    return load_config_file(path, TrainConfig)
 
 
 def load_mesh_preset(path: str | Path) -> MeshConfig:
-    """Import a mesh preset file (configs/mesh_*.py) and call its `get_mesh()`."""
-    path = Path(path)
-    spec = importlib.util.spec_from_file_location(f"_mesh_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_mesh"):
-        raise ValueError(f"{path} defines no get_mesh()")
-    return module.get_mesh()
+    """A mesh preset file (configs/mesh_*.py defining `get_mesh()`)."""
+    return load_config_file(path, MeshConfig, "get_mesh")
 
 
 # ----------------------------------------------------------------------------------------------

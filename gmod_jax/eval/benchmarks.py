@@ -489,7 +489,44 @@ class TextVQA(Benchmark):
 # VQAv2 / VizWiz (submission benchmarks)
 # ----------------------------------------------------------------------------------------
 
-class VQAv2(Benchmark):
+class _VQAScored(Benchmark):
+    """vqaEval.py scoring (official 10-answer rule on the EvalAI-processed answer, per answer
+    type) shared by VQAv2 and VizWiz; they differ in how an item finds its annotation."""
+
+    gt: dict
+
+    @property
+    def has_ground_truth(self) -> bool:
+        return bool(self.gt)
+
+    def _gt_record(self, it) -> dict:
+        raise NotImplementedError
+
+    def _gt_answers(self, it) -> list[str]:
+        return [a["answer"] for a in self._gt_record(it)["answers"]]
+
+    def _score(self, answers):
+        per_type: dict[str, list[float]] = defaultdict(list)
+        scores = []
+        for it in self.items:
+            qid = it["question_id"]
+            s = (M.vqa_score_official(M.normalize_answer(answers[qid]), self._gt_answers(it))
+                 if qid in answers else 0.0)
+            scores.append(s)
+            per_type[self._gt_record(it).get("answer_type", "all")].append(s)
+        acc = _pct(sum(scores) / len(scores)) if scores else 0.0
+        return acc, {"accuracy": acc, "per_answer_type": {
+            k: _pct(sum(v) / len(v)) for k, v in sorted(per_type.items())}}
+
+    def oracle_answers(self):
+        out = {}
+        for it in self.items:
+            gts = self._gt_answers(it)
+            out[it["question_id"]] = max(gts, key=lambda a: M.vqa_score_official(a, gts))
+        return out
+
+
+class VQAv2(_VQAScored):
     """VQAv2. Files: ``llava_vqav2_mscoco_test-dev2015.jsonl`` (questions), optional
     ``llava_vqav2_mscoco_test2015.jsonl`` (the full test split the submission must cover;
     unanswered ids get ""), optional VQA-format annotations (``{"annotations": [{question_id,
@@ -516,32 +553,8 @@ class VQAv2(Benchmark):
                           "meta": {"source_id": ln["question_id"]}})
         self._finish(items)
 
-    @property
-    def has_ground_truth(self) -> bool:
-        return bool(self.gt)
-
-    def _gt_answers(self, qid) -> list[str]:
-        return [a["answer"] for a in self.gt[qid]["answers"]]
-
-    def _score(self, answers):
-        per_type: dict[str, list[float]] = defaultdict(list)
-        scores = []
-        for it in self.items:
-            qid = it["question_id"]
-            s = (M.vqa_score_official(M.normalize_answer(answers[qid]), self._gt_answers(qid))
-                 if qid in answers else 0.0)
-            scores.append(s)
-            per_type[self.gt[qid].get("answer_type", "all")].append(s)
-        acc = _pct(sum(scores) / len(scores)) if scores else 0.0
-        return acc, {"accuracy": acc, "per_answer_type": {
-            k: _pct(sum(v) / len(v)) for k, v in sorted(per_type.items())}}
-
-    def oracle_answers(self):
-        out = {}
-        for it in self.items:
-            gts = self._gt_answers(it["question_id"])
-            out[it["question_id"]] = max(gts, key=lambda a: M.vqa_score_official(a, gts))
-        return out
+    def _gt_record(self, it) -> dict:
+        return self.gt[it["question_id"]]
 
     def write_submission(self, answers, path):
         from gmod_jax.eval.results import write_json_atomic
@@ -559,7 +572,7 @@ class VQAv2(Benchmark):
         return write_json_atomic(path, out)
 
 
-class VizWiz(Benchmark):
+class VizWiz(_VQAScored):
     """VizWiz-VQA. Files: LLaVA ``llava_test.jsonl`` ({question_id, image, text}, text ends
     with the "Unanswerable" instruction and the short-answer suffix), optional VizWiz
     annotation JSON (list of {image, question, answers: [{answer, answer_confidence}],
@@ -584,32 +597,8 @@ class VizWiz(Benchmark):
                           "meta": {"source_id": ln["question_id"], "image_name": ln["image"]}})
         self._finish(items)
 
-    @property
-    def has_ground_truth(self) -> bool:
-        return bool(self.gt)
-
-    def _gt_answers(self, it) -> list[str]:
-        return [a["answer"] for a in self.gt[it["meta"]["image_name"]]["answers"]]
-
-    def _score(self, answers):
-        per_type: dict[str, list[float]] = defaultdict(list)
-        scores = []
-        for it in self.items:
-            qid = it["question_id"]
-            s = (M.vqa_score_official(M.normalize_answer(answers[qid]), self._gt_answers(it))
-                 if qid in answers else 0.0)
-            scores.append(s)
-            per_type[self.gt[it["meta"]["image_name"]].get("answer_type", "all")].append(s)
-        acc = _pct(sum(scores) / len(scores)) if scores else 0.0
-        return acc, {"accuracy": acc, "per_answer_type": {
-            k: _pct(sum(v) / len(v)) for k, v in sorted(per_type.items())}}
-
-    def oracle_answers(self):
-        out = {}
-        for it in self.items:
-            gts = self._gt_answers(it)
-            out[it["question_id"]] = max(gts, key=lambda a: M.vqa_score_official(a, gts))
-        return out
+    def _gt_record(self, it) -> dict:
+        return self.gt[it["meta"]["image_name"]]
 
     def write_submission(self, answers, path):
         from gmod_jax.eval.results import write_json_atomic

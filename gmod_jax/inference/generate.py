@@ -36,9 +36,8 @@ from gmod_jax.config import ModelConfig
 from gmod_jax.inference.kv_cache import KVCache, decode_layer, pad_slots
 from gmod_jax.layers.attention import causal_mask
 from gmod_jax.layers.dtypes import DTYPES
-from gmod_jax.layers.rope import inv_freq_and_scale, rope_cos_sin
-from gmod_jax.models.llama import (RoutingPlan, decoder_layer_with_kv, layer_groups, position_ids, router_logits,
-                                    select_tokens)
+from gmod_jax.models.llama import (RoutingPlan, decoder_layer_with_kv, layer_groups, position_ids, rope_builder,
+                                   router_logits, select_tokens)
 from gmod_jax.models.llava import LlavaModel
 
 MODES = ("inference", "dense")
@@ -131,15 +130,6 @@ def _final_logits(config, params, hidden):
     return LlavaModel(config).apply({"params": params}, hidden, method=lambda m, h: m.llm.logits(h))
 
 
-def _rope(config: ModelConfig, dense_positions):
-    """cos/sin builder. Frequencies come from the dense positions (dynamic/longrope rope depends
-    on the sequence length), the same way `decoder_forward` builds them for MoD layers too."""
-    t = config.text
-    inv, scale = inv_freq_and_scale(dense_positions, theta=t.rope_theta, dim=t.head_dim,
-                                    scaling=t.rope_scaling_dict, max_pos=t.max_position_embeddings)
-    return lambda pos: rope_cos_sin(pos, inv, scale)
-
-
 def _layer_with_kv(config: ModelConfig, p, x, cos, sin, mask, mlp_scale=None):
     x, _, kv = decoder_layer_with_kv(config, p, x, cos, sin, mask, mlp_scale)
     return x, kv
@@ -170,7 +160,7 @@ def _prefill(params, input_ids, pixel_values, attention_mask, token_types, *, co
     b, t = input_ids.shape
     mask = attention_mask.astype(bool)
     positions = position_ids(mask)
-    rope = _rope(config, positions)
+    rope = rope_builder(config, positions)
     cos, sin = rope(positions)
     dense_mask = causal_mask(mask)
     mods = active_mod_layers(config, spec.mode)
@@ -249,7 +239,7 @@ def _decode_step(config: ModelConfig, spec: CacheSpec, params, cache: KVCache, t
     router = llm["mod_router"]["kernel"] if config.mod.enabled else None
     b = token.shape[0]
     pos = dense_pos[:, None]
-    rope = _rope(config, pos)
+    rope = rope_builder(config, pos)
     cos, sin = rope(pos)
     mods = active_mod_layers(config, spec.mode)
     threshold = config.mod.decode_threshold

@@ -33,8 +33,7 @@ from gmod_jax.config import ModelConfig
 from gmod_jax.inference.generate import (MODES, eos_id_array, prepare_images, active_mod_layers, expand_prompt,
                                          sample_tokens)
 from gmod_jax.layers.attention import causal_mask
-from gmod_jax.layers.rope import inv_freq_and_scale, rope_cos_sin
-from gmod_jax.models.llama import decoder_layer, router_logits
+from gmod_jax.models.llama import decoder_layer, rope_builder, router_logits
 from gmod_jax.models.llava import LlavaModel
 
 
@@ -81,9 +80,8 @@ def _forward(params, ids, pixel_values, types, prompt_len, length, *, config: Mo
     x = jnp.where(in_prompt[..., None], prompt_embeds, token_embeds)
 
     positions = jnp.where(valid, pos, 0)
-    inv, scale = inv_freq_and_scale(jnp.where(valid, pos, -1), theta=t.rope_theta, dim=t.head_dim,
-                                    scaling=t.rope_scaling_dict, max_pos=t.max_position_embeddings)
-    cos, sin = rope_cos_sin(positions, inv, scale)
+    rope = rope_builder(config, jnp.where(valid, pos, -1))
+    cos, sin = rope(positions)
     dense_mask = causal_mask(valid)
     llm = params["llm"]
     mods = active_mod_layers(config, mode)
@@ -103,7 +101,7 @@ def _forward(params, ids, pixel_values, types, prompt_len, length, *, config: Mo
             layer_pos = jnp.maximum(jnp.cumsum(keep, axis=-1) - 1, 0)
         else:
             layer_pos = positions
-        c, s = rope_cos_sin(layer_pos, inv, scale)
+        c, s = rope(layer_pos)
         mask = jnp.tril(jnp.ones((n, n), bool))[None] & keep[:, None, :] & keep[:, :, None]
         mask = mask | jnp.eye(n, dtype=bool)[None]  # skipped queries: finite garbage, discarded
         y, _ = decoder_layer(config, p, x, c, s, mask[:, None], mlp_scale=probs)

@@ -231,18 +231,22 @@ def mod_layer(config: ModelConfig, p, router_kernel, x, positions, attention_mas
     return x_new, loss, kept, jnp.sum(valid_tokens), attn_probs
 
 
+def rope_builder(config: ModelConfig, dense_positions):
+    """pos -> (cos, sin). Frequencies come from the dense positions (dynamic / longrope scaling
+    depends on the sequence length), also when MoD layers apply them to compacted positions."""
+    t = config.text
+    inv, scale = inv_freq_and_scale(dense_positions, theta=t.rope_theta, dim=t.head_dim,
+                                    scaling=t.rope_scaling_dict, max_pos=t.max_position_embeddings)
+    return lambda pos: rope_cos_sin(pos, inv, scale)
+
+
 def decoder_forward(config: ModelConfig, layers, router, embeds, attention_mask, token_types,
                     plan: RoutingPlan, attn_probs_fn=None):
     t = config.text
     b, T, _ = embeds.shape
     attention_mask = jnp.ones((b, T), bool) if attention_mask is None else attention_mask.astype(bool)
     positions = position_ids(attention_mask)
-
-    def rope(pos):
-        inv, scale = inv_freq_and_scale(positions, theta=t.rope_theta, dim=t.head_dim,
-                                        scaling=t.rope_scaling_dict, max_pos=t.max_position_embeddings)
-        return rope_cos_sin(pos, inv, scale)
-
+    rope = rope_builder(config, positions)
     cos, sin = rope(positions)
     dense_mask = causal_mask(attention_mask)
     want_probs = attn_probs_fn is not None
