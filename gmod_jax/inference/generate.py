@@ -36,8 +36,8 @@ from gmod_jax.config import ModelConfig
 from gmod_jax.inference.kv_cache import KVCache, decode_layer, pad_slots
 from gmod_jax.layers.attention import causal_mask
 from gmod_jax.layers.dtypes import DTYPES
-from gmod_jax.models.llama import (RoutingPlan, decoder_layer_with_kv, layer_groups, position_ids, rope_builder,
-                                   router_logits, select_tokens)
+from gmod_jax.models.llama import (RoutingPlan, decoder_layer_with_kv, layer_group, layer_groups, position_ids,
+                                   rope_builder, router_logits, select_tokens)
 from gmod_jax.models.llava import LlavaModel
 
 MODES = ("inference", "dense")
@@ -170,18 +170,19 @@ def _prefill(params, input_ids, pixel_values, attention_mask, token_types, *, co
     x = _embed_prompt(config, params, input_ids, pixel_values)
     dense_k, dense_v, mod_out = [], [], []
     for start, stop, is_mod in layer_groups(config.text.num_layers, mods):
-        group = jax.tree.map(lambda a: a[start:stop], layers)
+        group, fetch = layer_group(layers, start, stop, by_index=True)
         if not is_mod:
-            def dense_step(h, p):
-                h, (k, v) = _layer_with_kv(config, p, h, cos, sin, dense_mask)
+            def dense_step(h, i, fetch=fetch):
+                h, (k, v) = _layer_with_kv(config, fetch(i), h, cos, sin, dense_mask)
                 return h, (k, v)
 
             x, (k, v) = jax.lax.scan(dense_step, x, group)
             dense_k.append(k), dense_v.append(v)
             continue
 
-        def mod_step(h, xs):
-            p, r = xs
+        def mod_step(h, xs, fetch=fetch):
+            i, r = xs
+            p = fetch(i)
             kernel = router if r is None else r
             probs = routing.router_probs(router_logits(config, p, kernel, h))
             sel = select_tokens(config, probs, mask, token_types, plan)
@@ -254,12 +255,12 @@ def _decode_step(config: ModelConfig, spec: CacheSpec, params, cache: KVCache, t
     ran = []
     dense_i = mod_i = 0
     for start, stop, is_mod in layer_groups(config.text.num_layers, mods):
-        group = jax.tree.map(lambda a: a[start:stop], layers)
+        group, fetch = layer_group(layers, start, stop, by_index=True)
         n = stop - start
         if not is_mod:
-            def dense_step(h, xs, dk=dk, dv=dv):
-                p, l = xs
-                h, kv = decode_layer(config, p, h, cos, sin, dk[l], dv[l], cache.dense_valid)
+            def dense_step(h, xs, dk=dk, dv=dv, fetch=fetch):
+                i, l = xs
+                h, kv = decode_layer(config, fetch(i), h, cos, sin, dk[l], dv[l], cache.dense_valid)
                 return h, kv
 
             x, (ks, vs) = jax.lax.scan(dense_step, x, (group, jnp.arange(dense_i, dense_i + n)))
@@ -269,8 +270,9 @@ def _decode_step(config: ModelConfig, spec: CacheSpec, params, cache: KVCache, t
             dense_i += n
             continue
 
-        def mod_step(h, xs, mk=mk, mv=mv, mvalid=mvalid, mpos=mpos):
-            p, l, r = xs
+        def mod_step(h, xs, mk=mk, mv=mv, mvalid=mvalid, mpos=mpos, fetch=fetch):
+            i, l, r = xs
+            p = fetch(i)
             kernel = router if r is None else r
             prob = routing.router_probs(router_logits(config, p, kernel, h))  # [B, 1]
             keep = prob[:, 0] >= threshold  # official: skip iff r < decode_threshold

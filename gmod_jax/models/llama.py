@@ -240,6 +240,23 @@ def rope_builder(config: ModelConfig, dense_positions):
     return lambda pos: rope_cos_sin(pos, inv, scale)
 
 
+def layer_group(layers, start: int, stop: int, by_index: bool):
+    """(xs, fetch) to scan layers start..stop-1 of the stacked `layers`: `fetch(x)` turns one
+    step's scan input into that layer's params.
+
+    A static slice of the stack is a copy in XLA (no views): slicing every group out of the stack
+    copied all weights at every call, e.g. ~600 MB per forward and per decode step of the CPU
+    benchmark's γ-MoD model, while the dense model's one full-range group copied nothing. With
+    `by_index` the scan runs over layer indices and each step reads its layer from the full
+    stack, a per-step slice XLA does not materialise. Differentiated code keeps the slice
+    (by_index=False): reading a closed-over stack by index makes the backward pass add a
+    full-size, zero-padded gradient of the whole stack at every layer.
+    """
+    if by_index:
+        return jnp.arange(start, stop), lambda i: jax.tree.map(lambda a: a[i], layers)
+    return jax.tree.map(lambda a: a[start:stop], layers), lambda p: p
+
+
 def decoder_forward(config: ModelConfig, layers, router, embeds, attention_mask, token_types,
                     plan: RoutingPlan, attn_probs_fn=None):
     t = config.text
@@ -257,13 +274,13 @@ def decoder_forward(config: ModelConfig, layers, router, embeds, attention_mask,
     x = embeds
     losses, kept, entering, summaries = [], [], [], []
     for start, stop, is_mod in groups:
-        group_params = jax.tree.map(lambda a: a[start:stop], layers)
+        group_xs, fetch = layer_group(layers, start, stop, by_index=plan.mode != "train")
         if not is_mod:
-            def dense_step(h, p):
-                h, probs = decoder_layer(config, p, h, cos, sin, dense_mask, return_probs=want_probs)
+            def dense_step(h, xs, fetch=fetch):
+                h, probs = decoder_layer(config, fetch(xs), h, cos, sin, dense_mask, return_probs=want_probs)
                 return h, (attn_probs_fn(probs) if want_probs else None)
 
-            x, ys = _scan(_remat(dense_step, config.remat), x, group_params, config.scan_layers)
+            x, ys = _scan(_remat(dense_step, config.remat), x, group_xs, config.scan_layers)
             summaries.append(ys)
             continue
         if config.mod.shared_router:
@@ -271,14 +288,14 @@ def decoder_forward(config: ModelConfig, layers, router, embeds, attention_mask,
         else:
             routers = router[mod_index[start]:mod_index[start] + (stop - start)]
 
-        def mod_step(h, xs):
+        def mod_step(h, xs, fetch=fetch):
             p, r = xs
             kernel = router if r is None else r
-            h, loss, k, n, probs = mod_layer(config, p, kernel, h, positions, attention_mask, token_types,
+            h, loss, k, n, probs = mod_layer(config, fetch(p), kernel, h, positions, attention_mask, token_types,
                                              plan, rope, return_probs=want_probs)
             return h, (loss, k, n, attn_probs_fn(probs) if want_probs else None)
 
-        x, (loss, k, n, ys) = _scan(_remat(mod_step, config.remat), x, (group_params, routers), config.scan_layers)
+        x, (loss, k, n, ys) = _scan(_remat(mod_step, config.remat), x, (group_xs, routers), config.scan_layers)
         losses.append(loss), kept.append(k), entering.append(n), summaries.append(ys)
 
     aux = {}
