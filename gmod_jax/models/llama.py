@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from gmod_jax import routing
 from gmod_jax.config import ModelConfig
 from gmod_jax.layers.dtypes import DTYPES
-from gmod_jax.layers.attention import causal_mask, dot_product_attention, project
+from gmod_jax.layers.attention import causal_attention, causal_mask, project
 from gmod_jax.layers.mlp import swiglu
 from gmod_jax.layers.norms import rms_norm
 from gmod_jax.layers.rope import apply_rope, inv_freq_and_scale, rope_cos_sin
@@ -157,11 +157,12 @@ def _router_init(rng, c: ModelConfig, pdt):
 # Pure forward functions (shared by training, inference, ARank and the KV-cache decoder).
 
 def attention_block(config: ModelConfig, p, h, cos, sin, mask, return_probs=False):
+    """Self-attention of a decoder layer; `mask` must be causal (see `causal_attention`)."""
     t, dtype = config.text, DTYPES[config.dtype]
     q = apply_rope(project(h, p["q"], "btd,dhk->bthk", dtype), cos, sin)
     k = apply_rope(project(h, p["k"], "btd,dhk->bthk", dtype), cos, sin)
     v = project(h, p["v"], "btd,dhk->bthk", dtype)
-    out, probs = dot_product_attention(q, k, v, mask, scale=t.head_dim ** -0.5, return_probs=return_probs)
+    out, probs = causal_attention(q, k, v, mask, scale=t.head_dim ** -0.5, return_probs=return_probs)
     return project(out, p["o"], "bthk,hkd->btd", dtype), probs, (k, v)
 
 
