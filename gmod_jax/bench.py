@@ -107,7 +107,7 @@ class BenchConfig:
     seed: int = 0
     learning_rate: float = 1e-5
     xla_flops: bool = True  # compile an unrolled twin of each program to read XLA's FLOP count
-    attention_flops: str = "full"  # analytic attention counting, see gmod_jax.flops
+    attention_flops: str = "blocked"  # analytic attention counting, see gmod_jax.flops
     torch_baseline: bool = True  # HF LlavaForConditionalGeneration on the dense weights (prefill)
     torch_attention: str = "sdpa"  # "sdpa" | "eager"
     threads: int | None = None  # torch intra-op threads; None = the cores this process may use
@@ -751,8 +751,8 @@ def render_markdown(result: dict, command: str) -> str:
                   f"{paper['dense_tflops']:.4f}, γ-MoD at skip {paper['skip_ratio']:.3f} {paper['mod_tflops']:.4f} "
                   f"TFLOPs ({paper['dense_tflops'] / paper['mod_tflops']:.2f}×)."]
     lines += ["", "**How to read.** *FLOP bound* = analytic dense FLOPs / analytic γ-MoD FLOPs at the realised "
-              "skip ratio (vision tower, projector, every decoder layer with GQA widths, full QKᵀ/AV square as "
-              "executed, router, lm_head on the last position for prefill and on all positions for training; "
+              "skip ratio (vision tower, projector, every decoder layer with GQA widths, QKᵀ/AV over the "
+              "block-causal pairs the attention executes, router, lm_head on the last position for prefill and on all positions for training; "
               "training = 3× forward for the trainable parts, 1× for the frozen tower): the speedup a perfect "
               "implementation would reach. *speedup / bound* near 1 means routing overhead (router, top-k, "
               "gather/scatter) costs nothing measurable; well below 1 means it does. *skip* = tokens not "

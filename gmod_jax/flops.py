@@ -16,11 +16,12 @@ Conventions: 2 FLOPs per multiply-add; softmax, norms, activations, residual add
 bias adds are not counted (they are O(T·D) per layer next to O(T·D²) matmuls: ~1% at D=1024,
 a few % at toy sizes; XLA does count them, which is most of the XLA-vs-analytic gap).
 
-Attention (QKᵀ and AV, 4·n_q·n_kv·H·hd per layer): by default the *full* square is counted,
-because that is what the kernels here execute (scores for every query/key pair, masked
-afterwards) and what XLA reports; it is also the paper's `4·L²·d` term. `attention="causal"`
-counts only the unmasked lower triangle, n(n+1)/2 pairs, i.e. the work a causal flash kernel
-that skips masked blocks would do.
+Attention (QKᵀ and AV, 4·n_q·n_kv·H·hd per layer): by default (`attention="blocked"`) what the
+decoder executes: `layers.attention.causal_attention` scores query blocks against the keys up
+to their last row (the full square for short sequences and the bidirectional vision tower), and
+XLA reports the same. `"full"` counts the whole square, the paper's `4·L²·d` term;
+`"causal"` only the unmasked lower triangle, n(n+1)/2 pairs, the work of a kernel that skips
+every masked pair.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import jax
 
 from gmod_jax.config import ModelConfig
 
-ATTENTION_MODES = ("full", "causal")
+ATTENTION_MODES = ("blocked", "full", "causal")
 
 # ----------------------------------------------------------------------------------------------
 # 1. The paper's formula
@@ -115,11 +116,24 @@ def _check_attention(attention: str):
 
 
 def _pairs(n_q: float, n_kv: float, attention: str) -> float:
-    """Query/key pairs scored. Causal counting assumes the queries are the last n_q of n_kv keys."""
+    """Query/key pairs scored. Causal counting assumes the queries are the last n_q of n_kv keys;
+    blocked counting applies to self-attention (n_q == n_kv), with the blocks of the static size
+    (a realised average n interpolates between the block layouts of its neighbours)."""
     _check_attention(attention)
-    if attention == "full":
+    if attention == "blocked" and n_q == n_kv:
+        lo = int(n_q)
+        frac = n_q - lo
+        return (1 - frac) * _blocked_pairs(lo) + (frac * _blocked_pairs(lo + 1) if frac else 0.0)
+    if attention in ("full", "blocked"):
         return n_q * n_kv
     return n_q * n_kv - n_q * (n_q - 1) / 2.0
+
+
+def _blocked_pairs(t: int) -> float:
+    from gmod_jax.layers.attention import causal_block_bounds
+
+    bounds = causal_block_bounds(t)
+    return float(sum((stop - start) * stop for start, stop in zip(bounds[:-1], bounds[1:])))
 
 
 def layer_linear_flops(config: ModelConfig, tokens: float) -> float:
@@ -130,13 +144,13 @@ def layer_linear_flops(config: ModelConfig, tokens: float) -> float:
     return 2.0 * tokens * per_token
 
 
-def attention_flops(config: ModelConfig, n_q: float, n_kv: float, attention: str = "full") -> float:
+def attention_flops(config: ModelConfig, n_q: float, n_kv: float, attention: str = "blocked") -> float:
     """QKᵀ and AV (both at query-head width: grouped queries still read every score)."""
     t = config.text
     return 4.0 * _pairs(n_q, n_kv, attention) * t.num_heads * t.head_dim
 
 
-def vision_flops(config: ModelConfig, images: int, attention: str = "full") -> float:
+def vision_flops(config: ModelConfig, images: int, attention: str = "blocked") -> float:
     """CLIP tower up to the deepest feature layer used (layers after it never run)."""
     v = config.vision
     _check_attention(attention)
@@ -167,7 +181,7 @@ def _kept_per_layer(config: ModelConfig, kept) -> dict[int, float]:
 
 
 def forward_flops(config: ModelConfig, batch: int, seq_len: int, kept=None, *, logits: str = "last",
-                  attention: str = "full", images: int | None = None) -> FlopCount:
+                  attention: str = "blocked", images: int | None = None) -> FlopCount:
     """One forward pass over `batch` rows of `seq_len` tokens.
 
     kept: None (every layer dense, also for a γ-MoD config run in dense mode), or the tokens per
@@ -194,13 +208,13 @@ def forward_flops(config: ModelConfig, batch: int, seq_len: int, kept=None, *, l
     return llm + FlopCount(vision=vision_flops(config, images), projector=projector_flops(config, images))
 
 
-def prefill_flops(config: ModelConfig, batch: int, seq_len: int, kept=None, *, attention: str = "full",
+def prefill_flops(config: ModelConfig, batch: int, seq_len: int, kept=None, *, attention: str = "blocked",
                   images: int | None = None) -> FlopCount:
     """Prefill: the whole prompt through the model, logits for the last position only."""
     return forward_flops(config, batch, seq_len, kept, logits="last", attention=attention, images=images)
 
 
-def train_step_flops(config: ModelConfig, batch: int, seq_len: int, kept=None, *, attention: str = "full",
+def train_step_flops(config: ModelConfig, batch: int, seq_len: int, kept=None, *, attention: str = "blocked",
                      images: int | None = None) -> FlopCount:
     """One training step with a frozen vision tower: forward + backward = 3× forward for the
     trainable parts (projector, LLM, router: activation and weight gradients each cost about one
@@ -278,15 +292,22 @@ def xla_flops(compiled) -> float | None:
 
 @contextlib.contextmanager
 def unrolled_scans():
-    """Trace with every `jax.lax.scan` fully unrolled (straight-line code, no while loop), so
-    XLA's cost analysis sees each iteration. Only for counting: unrolled programs compile
-    slower and are not what the benchmarks time. Calls that set `unroll` themselves win."""
-    original = jax.lax.scan
-    jax.lax.scan = functools.partial(original, unroll=True)
+    """Trace with every `jax.lax.scan` fully unrolled and every `jax.lax.map` turned into straight-line
+    code (no while loops), so XLA's cost analysis sees each iteration. Only for counting: unrolled
+    programs compile slower and are not what the benchmarks time. Scans that set `unroll` win."""
+    original_scan, original_map = jax.lax.scan, jax.lax.map
+
+    def unrolled_map(f, xs, **_):
+        n = jax.tree.leaves(xs)[0].shape[0]
+        outs = [f(jax.tree.map(lambda a: a[i], xs)) for i in range(n)]
+        return jax.tree.map(lambda *a: jax.numpy.stack(a), *outs)
+
+    jax.lax.scan = functools.partial(original_scan, unroll=True)
+    jax.lax.map = unrolled_map  # the per-head attention loop on CPU
     try:
         yield
     finally:
-        jax.lax.scan = original
+        jax.lax.scan, jax.lax.map = original_scan, original_map
 
 
 # ----------------------------------------------------------------------------------------------

@@ -73,6 +73,22 @@ def test_layer_count_uses_gqa_widths_and_causal_pairs():
     assert F.attention_flops(cfg, 1, 10, "causal") == F.attention_flops(cfg, 1, 10, "full")
 
 
+def test_blocked_count_follows_causal_attention_blocks():
+    cfg = _gqa_config()
+    per_pair = 4 * 4 * 32
+    # Short sequences run unblocked: the full square.
+    assert F.attention_flops(cfg, 100, 100) == F.attention_flops(cfg, 100, 100, "full")
+    # T=640: five query blocks of 128 rows, each against the keys up to its last row.
+    assert F.attention_flops(cfg, 640, 640) == per_pair * 128 * (128 + 256 + 384 + 512 + 640)
+    # Between the lower triangle and the square; a fractional (average) n interpolates.
+    for n in (300, 1100, 2496):
+        assert F.attention_flops(cfg, n, n, "causal") < F.attention_flops(cfg, n, n) < F.attention_flops(
+            cfg, n, n, "full")
+    lo, hi = F.attention_flops(cfg, 640, 640), F.attention_flops(cfg, 641, 641)  # 5 vs 6 blocks
+    assert F.attention_flops(cfg, 640.5, 640.5) == pytest.approx((lo + hi) / 2)
+    assert F.attention_flops(cfg, 1, 10) == F.attention_flops(cfg, 1, 10, "full")  # decode: not square
+
+
 def test_mod_count_and_training_multiplier():
     dense = _gqa_config()
     mod = C.gamma_mod(dense, "explicit", 0.5, layers=(1, 2))
