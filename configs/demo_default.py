@@ -49,5 +49,9 @@ def get_config() -> DemoConfig:
         finetune=recipe(150, 1e-3, 136, trainable=(r"^projector/", r"^llm/")),  # stage 2: vision tower frozen
         synthetic=synthetic, num_train=10000, num_eval=300, vocab_size=512, tokenizer_texts=2000,
         arank_samples=50, num_dense=2, routing_ratio=0.5, masking="official",
+        # Inference routes with the training top-k rule: a router fine-tuned for 150 steps never
+        # gets a keep-prob below the official prefill threshold 0.005 (0% skipped), and a 0.5
+        # threshold, unmasked at inference as officially, skips question tokens (11% accuracy).
+        mod_options=(("inference_routing", "capacity"),),
         eval_batch=64, speed_batch=16, speed_repeats=5, routing_samples=64, num_overlays=3,
     )
