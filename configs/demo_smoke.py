@@ -8,6 +8,7 @@ Used by tests/test_demo.py (end to end in well under a minute on 2 CPU cores).
 from gmod_jax import config as C
 from gmod_jax.data.synthetic import SyntheticConfig
 from gmod_jax.demo import DemoConfig
+from gmod_jax.demo_vision import VisionPretrainConfig
 from train.config import DataConfig, OptimConfig, TrainConfig
 
 
@@ -29,8 +30,9 @@ def get_config() -> DemoConfig:
 
     return DemoConfig(
         model=model,
-        pretrain=recipe(2).replace(data=DataConfig(max_length=32, buckets=(32,))),
-        dense_train=recipe(2),
+        vision_pretrain=VisionPretrainConfig(steps=2, batch=8, warmup_steps=1),
+        pretrain=recipe(2, (r"^projector/", r"^llm/")).replace(data=DataConfig(max_length=32, buckets=(32,))),
+        dense_train=recipe(2, (r"^projector/", r"^llm/")),
         finetune=recipe(2, (r"^projector/", r"^llm/")),
         synthetic=synthetic, num_train=24, num_eval=6, vocab_size=512, tokenizer_texts=400,
         arank_samples=4, num_dense=2, eval_batch=8, speed_batch=2, speed_repeats=1, routing_samples=4,

@@ -27,8 +27,9 @@ from gmod_jax.config import ModelConfig
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "preprocessor_config.json", "processor_config.json")
+# special_tokens.json: the special ids and whitespace mode `train_sentencepiece` writes beside the model
+TOKENIZER_FILES = ("tokenizer.model", "special_tokens.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json", "processor_config.json")
 TOKENIZER_GLOBS = ("chat_template*",)
 
 

@@ -10,11 +10,13 @@ through the same library code (only the data and the model are small):
               held-out split written as a GQA-format question/annotation file pair
   tokenizer   a LLaMA-style SentencePiece model trained on the training text
   tfds        the training data pre-tokenised into a TFDS ArrayRecord dataset (what training reads)
-  pretrain    a tiny LLaVA trained from scratch on the captions with the `plain` template, as
-              LLaVA's stage 1 but with the vision tower trained too (there is no pretrained CLIP
-              here); `train.loop.run`, exported as a gmod-jax checkpoint
-  dense       instruction tuning of that model on the questions (vicuna_v1), everything trainable:
-              the dense model γ-MoD starts from
+  vision      the vision tower trained on its own to label the scene under each patch, standing
+              in for CLIP's pretraining (there is no CLIP to download; `gmod_jax.demo_vision`)
+  pretrain    a tiny LLaVA (that tower, a random LLM) trained on the captions with the `plain`
+              template, as LLaVA's stage 1 (with the LLM trained too: it starts from scratch);
+              `train.loop.run`, exported as a gmod-jax checkpoint
+  dense       instruction tuning of that model on the questions (vicuna_v1), the vision tower
+              frozen as in LLaVA's stage 2: the dense model γ-MoD starts from
   arank       ARank per decoder layer on held-out samples (`gmod_jax.arank_cli`)
   adapt       dense -> γ-MoD with the ARank layer list (`convert.to_mod.adapt`)
   mod_ft      stage 2 with masked routing learning and the routing loss
@@ -50,6 +52,7 @@ import numpy as np
 
 from gmod_jax.config import ModelConfig
 from gmod_jax.data.synthetic import SyntheticConfig
+from gmod_jax.demo_vision import VisionPretrainConfig
 from train.config import TrainConfig
 
 log = logging.getLogger("gmod_jax.demo")
@@ -77,6 +80,9 @@ class DemoConfig:
     finetune: TrainConfig  # stage 2: the γ-MoD fine-tune and the dense baseline, same budget
     # LLaVA stage-1 style captioning (plain template) before `dense_train`; None = no such phase
     pretrain: TrainConfig | None = None
+    # The vision tower's own pretraining before everything else, standing in for CLIP's
+    # (`gmod_jax.demo_vision`); None = the LLaVA stages start from a random tower
+    vision_pretrain: VisionPretrainConfig | None = None
     synthetic: SyntheticConfig = SyntheticConfig()
     num_train: int = 8000  # training images (each with 1..max_turns questions)
     num_eval: int = 400  # held-out images; every question of each is one eval item
@@ -541,17 +547,31 @@ def prepare(cfg: DemoConfig, root: Path, stages: Stages) -> Prepared:
                       deps=("dataset", "tokenizer"))
     prep = Prepared(paths, stages, tok, model_cfg, tfds.result["qa"], 0)
 
-    # Dense model from scratch: [caption pretraining, plain template ->] instruction tuning.
-    dense_deps: tuple[str, ...] = ("tfds",)
-    dense_init = None
+    # Dense model: [vision tower pretraining (CLIP's stand-in) ->] [caption pretraining, plain
+    # template ->] instruction tuning; each starts from the previous stage's checkpoint.
+    init_deps: tuple[str, ...] = ("tfds",)
+    init = None
+    if cfg.vision_pretrain is not None:
+        def make_vision():
+            from gmod_jax.demo_vision import vision_stage
+
+            d = data.result
+            return vision_stage(model_cfg, cfg.vision_pretrain, cfg.synthetic, Path(d["train_json"]),
+                                Path(d["eval_json"]), paths.data, paths.ckpt("vision"), paths.tokenizer, cfg.seed,
+                                echo=stages.echo)
+
+        stages.run("vision", (cfg.vision_pretrain, model_cfg, cfg.synthetic),
+                   [paths.ckpt("vision") / "config.json"], make_vision, deps=("dataset", "tokenizer"))
+        init_deps, init = ("tfds", "vision"), str(paths.ckpt("vision"))
     if cfg.pretrain is not None:
         pre_data = dataclasses.replace(cfg.pretrain.data, source="tfds", path=tfds.result["captions"],
                                        tokenizer=str(paths.tokenizer), template=PRETRAIN_TEMPLATE)
-        pre_cfg = cfg.pretrain.replace(model=model_cfg, init_from=None, export_dir=None, data=pre_data)
+        pre_cfg = cfg.pretrain.replace(model=model_cfg, init_from=init, export_dir=None, data=pre_data)
         stages.run("pretrain", pre_cfg, [paths.ckpt("pretrain") / "config.json"],
                    lambda: train_stage(pre_cfg, paths.train("pretrain"), paths.ckpt("pretrain"), paths.tokenizer,
-                                       fingerprint("pretrain", pre_cfg)), deps=("tfds",))
-        dense_deps, dense_init = ("tfds", "pretrain"), str(paths.ckpt("pretrain"))
+                                       fingerprint("pretrain", pre_cfg)), deps=init_deps)
+        init_deps, init = ("tfds", "pretrain"), str(paths.ckpt("pretrain"))
+    dense_deps, dense_init = init_deps, init
     dense_cfg = prep.train_config(cfg.dense_train, model=None if dense_init else model_cfg, init_from=dense_init,
                                   export_dir=None)
     stages.run("dense", dense_cfg, [paths.ckpt("dense") / "config.json"],
@@ -685,6 +705,7 @@ def run_demo(cfg: DemoConfig, workdir: str | os.PathLike, rerun: tuple[str, ...]
         "load_average_start": load_start, "load_average_end": os.getloadavg(), "cpu_count": os.cpu_count(),
         "model": dataclasses.asdict(prep.model), "mod_layers": adapted.result["mod_layers"],
         "arank": stages.done["arank"].result, "dense_train": stages.done["dense"].result,
+        "vision": stages.done["vision"].result if "vision" in stages.done else None,
         "pretrain": stages.done["pretrain"].result if "pretrain" in stages.done else None,
         "finetune": {k: v.result for k, v in ft.items()}, "eval": {k: v.result for k, v in ev.items()},
         "routing": routing.result, "speed": speed.result, "dataset": stages.done["dataset"].result,

@@ -7,16 +7,13 @@ from a finished run at no cost.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from pathlib import Path
 
-import numpy as np
-
 LOSS_PNG = "loss_curves.png"
-STAGE_ORDER = ("dataset", "tokenizer", "tfds", "pretrain", "dense", "arank", "adapt", "mod_ft", "dense_ft", "eval_dense",
-               "eval_dense_ft", "eval_mod_ft", "routing", "speed")
+STAGE_ORDER = ("dataset", "tokenizer", "tfds", "vision", "pretrain", "dense", "arank", "adapt", "mod_ft", "dense_ft",
+               "eval_dense", "eval_dense_ft", "eval_mod_ft", "routing", "speed")
 
 
 def _pyplot():
@@ -47,7 +44,7 @@ def plot_losses(root: Path, path: Path) -> None:
     offset = runs["pretrain"][-1]["step"] if runs["pretrain"] else 0
     curve(axes[0], runs["pretrain"], "lm_loss", color="tab:purple", label="captions (plain)")
     curve(axes[0], runs["dense"], "lm_loss", offset, color="tab:blue", label="questions (vicuna_v1)")
-    axes[0].set_title("dense LLaVA from scratch (vision + projector + LLM)")
+    axes[0].set_title("dense LLaVA: projector + LLM from scratch")
     curve(axes[1], runs["dense_ft"], "lm_loss", color="tab:blue", label="dense fine-tune")
     curve(axes[1], runs["mod_ft"], "lm_loss", color="tab:orange", label="γ-MoD fine-tune")
     axes[1].set_title("stage 2: LM loss, same budget")
@@ -166,12 +163,19 @@ def write_report(root: Path, cfg, s: dict) -> Path:
         "| train skip | time |")
     add("|---|---|---|---|---|---|---|---|---|---|")
     st = s["stage_seconds"]
+    if s.get("vision") and cfg.vision_pretrain is not None:
+        vs, vcfg = s["vision"], cfg.vision_pretrain
+        add(f"| vision tower (CLIP's stand-in) | a label per patch | random | vision tower, a linear read-out "
+            f"| {vs['steps']} × {vs['batch']} | {vcfg.lr:g}, cosine | {vs['loss'][-1][1]:.4f} (held-out patches "
+            f"{vs['heldout_token_accuracy']:.1%} right) | – | – | {st['vision']:.0f} s |")
     if s.get("pretrain") and cfg.pretrain is not None:
         pt, pcfg = s["pretrain"], cfg.pretrain
-        add(f"| dense, captions | captions, `plain` | random | {', '.join(pcfg.optim.trainable)} "
+        add(f"| dense, captions | captions, `plain` | {'vision run' if s.get('vision') else 'random'} "
+            f"| {', '.join(pcfg.optim.trainable)} "
             f"| {pt['steps']} × {pcfg.global_batch} | {pcfg.optim.lr:g}, {pcfg.optim.schedule} "
             f"| {_fmt(pt['final_lm_loss'], '.4f')} | – | – | {st['pretrain']:.0f} s |")
-    add(f"| dense, questions | QA, vicuna_v1 | {'captions run' if cfg.pretrain is not None else 'random'} "
+    dense_init = "captions run" if cfg.pretrain is not None else "vision run" if s.get("vision") else "random"
+    add(f"| dense, questions | QA, vicuna_v1 | {dense_init} "
         f"| {', '.join(dcfg.optim.trainable)} | {dt['steps']} × {dcfg.global_batch} "
         f"| {dcfg.optim.lr:g}, {dcfg.optim.schedule} | {_fmt(dt['final_lm_loss'], '.4f')} | – | – "
         f"| {st['dense']:.0f} s |")
@@ -182,10 +186,13 @@ def write_report(root: Path, cfg, s: dict) -> Path:
             f"| {fcfg.optim.lr:g}, {fcfg.optim.schedule} | {_fmt(r['final_lm_loss'], '.4f')} "
             f"| {_fmt(r['final_router_loss'], '.4f')} | {_pct(r['final_train_skip_ratio'])} | {st[key]:.0f} s |")
     add("")
-    add("There is no pretrained CLIP or LLM here: the dense model is trained from random weights, vision tower, "
-        "projector and LLM all trainable, "
-        + ("first on the captions with LLaVA's stage-1 `plain` template (the caption right after the image: "
-           "what teaches the vision tower), then on the questions with vicuna_v1. "
+    add("There is no pretrained CLIP or LLM here. "
+        + ("The vision tower is first trained on its own to label the content of the scene cell under each "
+           "patch (standing in for CLIP's pretraining; `gmod_jax.demo_vision`) and then stays frozen; "
+           if cfg.vision_pretrain is not None else "The vision tower starts from random weights; ")
+        + "the projector and the LLM (random weights) are trained "
+        + ("first on the captions with LLaVA's stage-1 `plain` template (the caption right after the image), "
+           "then on the questions with vicuna_v1. "
            if cfg.pretrain is not None else "on the questions with vicuna_v1. ")
         + "LLaVA itself aligns a frozen pretrained CLIP to a pretrained LLM on captions and then "
         "instruction-tunes. The γ-MoD stage follows the paper: ARank on the dense model, adaptation, then a "

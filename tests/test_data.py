@@ -39,6 +39,18 @@ def legacy_tok(sp_dir):
     return SentencePieceTokenizer((sp_dir / "tokenizer.model").read_bytes(), pad_id=3, legacy=True)
 
 
+def test_checkpoint_copy_keeps_the_tokenizer_as_trained(sp_dir, tok, tmp_path):
+    """A checkpoint's tokenizer (what eval and generation load) must tokenise as training did:
+    the special ids and the non-legacy whitespace live in special_tokens.json beside the model."""
+    from convert.orbax_io import copy_tokenizer_files
+
+    copy_tokenizer_files(sp_dir, tmp_path)
+    copied = load_tokenizer(tmp_path)
+    text = f"USER: {IMAGE_PLACEHOLDER}\nIs there a red circle? ASSISTANT: yes</s>USER: How many?"
+    assert copied.fingerprint == tok.fingerprint and copied.pad_id == tok.pad_id
+    assert list(copied.encode(text)) == list(tok.encode(text))
+
+
 def _conv(*turns):
     return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(turns)]
 

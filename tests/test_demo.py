@@ -14,7 +14,7 @@ from gmod_jax import ablation, demo
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "demo_smoke.py"
 
-STAGES = ("dataset", "tokenizer", "tfds", "pretrain", "dense", "arank", "adapt", "mod_ft", "dense_ft", "eval_dense",
+STAGES = ("dataset", "tokenizer", "tfds", "vision", "pretrain", "dense", "arank", "adapt", "mod_ft", "dense_ft", "eval_dense",
           "eval_dense_ft", "eval_mod_ft", "routing", "speed")
 ARTEFACTS = (
     "data/synthetic/manifest.json", "data/synthetic/train.json", "data/heldout_gqa/questions.jsonl",
@@ -23,7 +23,7 @@ ARTEFACTS = (
     "data/tfds/llava_conversations/synthetic_captions_plain/1.0.0/dataset_info.json",
     "train/pretrain/metrics.jsonl", "train/dense/metrics.jsonl", "train/mod_ft/metrics.jsonl",
     "train/dense_ft/metrics.jsonl",
-    "ckpt/pretrain/config.json", "ckpt/dense/config.json", "ckpt/dense/tokenizer.model", "ckpt/mod_init/config.json",
+    "ckpt/vision/config.json", "ckpt/pretrain/config.json", "ckpt/dense/config.json", "ckpt/dense/tokenizer.model", "ckpt/mod_init/config.json",
     "ckpt/mod_ft/config.json", "ckpt/dense_ft/config.json",
     "arank/arank.json", "arank/arank.png", "eval/dense/metrics.json", "eval/dense_ft/metrics.json",
     "eval/mod_ft/metrics.json", "eval/mod_ft/answers.jsonl", "routing/routing_summary.json",

@@ -35,6 +35,7 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 SPLIT_CODES = {"train": 0, "eval": 1}
 CAPTION_PROMPT = "Describe the image briefly."
 _SIZE_RADIUS = {"small": 0.28, "large": 0.42}  # shape radius as a share of the grid cell
+SIZES = tuple(_SIZE_RADIUS)
 
 
 @dataclasses.dataclass(frozen=True)

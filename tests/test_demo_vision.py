@@ -1,0 +1,88 @@
+"""The demo's vision-tower pretraining (gmod_jax.demo_vision): labels, learning, the checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gmod_jax
+from gmod_jax import config as C
+from gmod_jax.api import init_random
+from gmod_jax.data.synthetic import SyntheticConfig, write_synthetic_dataset
+from gmod_jax.demo_vision import (VisionPretrainConfig, cell_labels, load_split, num_cell_classes,
+                                  pretrain_vision, token_cells, vision_stage)
+
+SYN = SyntheticConfig(image_size=28, grid=2, min_objects=1, max_objects=3, shapes=("circle", "square"),
+                      colors=("red", "blue", "green"), max_turns=1, text_only_fraction=0.0)
+MODEL = C.ModelConfig(
+    vision=C.VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, image_size=28,
+                          patch_size=7, feature_layer=-1),
+    text=C.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                       num_kv_heads=2, max_position_embeddings=64))
+
+
+def test_cell_labels_encode_every_combination_distinctly_and_empty_as_zero():
+    seen = set()
+    for shape in SYN.shapes:
+        for color in SYN.colors:
+            for size in ("small", "large"):
+                scene = {"objects": [{"shape": shape, "color": color, "size": size, "row": 1, "col": 0}]}
+                labels = cell_labels(scene, SYN)
+                assert labels[[0, 1, 3]].tolist() == [0, 0, 0]
+                seen.add(int(labels[2]))
+    assert seen == set(range(1, num_cell_classes(SYN)))
+
+
+def test_each_patch_token_is_labelled_with_the_cell_under_its_centre():
+    # 28 px, patch 7: a 4x4 token grid over a 2x2 cell grid, two token rows/columns per cell.
+    assert token_cells(MODEL, SYN).reshape(4, 4).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    # 56 px, patch 8, grid 2: token centres 4, 12, 20 fall in cell 0; 28 is the border; 36.. in cell 1.
+    v = MODEL.vision.__class__(hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1, image_size=56,
+                               patch_size=8, feature_strategy="full")
+    syn = SyntheticConfig(image_size=56, grid=2)
+    cells = token_cells(MODEL.replace(vision=v), syn)
+    assert cells[0] == -1 and cells[1:8].tolist() == [0, 0, 0, 1, 1, 1, 1] and cells[-1] == 3
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vision_data")
+    return write_synthetic_dataset(root, 160, 40, 0, SYN), root
+
+
+def test_pretraining_learns_the_cells_and_only_touches_the_tower(dataset, tmp_path):
+    import json
+
+    ds, root = dataset
+    train = load_split(json.loads(ds.train_json.read_text()), root, MODEL, SYN)
+    heldout = load_split(json.loads(ds.eval_json.read_text()), root, MODEL, SYN)
+    assert train[0].shape == (160, 28, 28, 3) and train[1].shape == (160, 16)
+    model = init_random(MODEL, seed=3)
+    cfg = VisionPretrainConfig(steps=60, batch=32, lr=3e-3, warmup_steps=5)
+    vision, stats = pretrain_vision(MODEL, model.params["vision"], train, heldout, cfg, num_cell_classes(SYN),
+                                    echo=lambda s: None)
+    assert stats["loss"][-1][1] < 0.5 * stats["loss"][0][1]
+    # Better than always answering the most common training label of each token position.
+    majority = np.mean([np.mean(heldout[1][:, t] == np.bincount(train[1][:, t]).argmax()) for t in range(16)])
+    assert stats["heldout_token_accuracy"] > majority + 0.05
+
+    out = vision_stage(MODEL, cfg, SYN, ds.train_json, ds.eval_json, root, tmp_path / "ckpt", None, seed=3,
+                       echo=lambda s: None)
+    assert out["heldout_token_accuracy"] == pytest.approx(stats["heldout_token_accuracy"])
+    saved = gmod_jax.load(str(tmp_path / "ckpt"))
+    for a, b in zip(*(jax_leaves(t) for t in (saved.params["vision"], vision))):
+        np.testing.assert_array_equal(a, b)
+    for part in ("llm", "projector"):  # the rest is the plain random init of that seed
+        for a, b in zip(*(jax_leaves(t) for t in (saved.params[part], model.params[part]))):
+            np.testing.assert_array_equal(a, b)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="steps"):
+        VisionPretrainConfig(steps=0)
