@@ -12,7 +12,11 @@ Why these sizes:
   through the LLM instead, its features collapsed to one vector for every patch.
 - Stage 1 is LLaVA's: captions with the `plain` template, then instruction tuning on the
   questions with vicuna_v1. The LLM (random weights) is trained in both: there is no pretrained
-  LLM to align to.
+  LLM to align to. Captions list the shapes by colour (`caption_order="colour"`), not in reading
+  order: to write "a red ..." the model has to find the red shapes among the image tokens, the
+  look-up the questions need; in reading order it learnt to scan positions instead. Held-out
+  accuracy of the dense model: 64.5% against 57.7% in reading order with these steps, but
+  58.7% with 500 caption and 800 question steps: runs of this size vary by several points.
 - The LLM is LLaMA-shaped, 6 layers; 2 of them (the top-ARank ones) stay dense.
 - One sequence-length bucket per stage (all batches pad to it): one compiled train step each.
 
@@ -32,7 +36,7 @@ PROJECTOR_AND_LLM = (r"^projector/", r"^llm/")  # the vision tower stays frozen 
 def get_config() -> DemoConfig:
     synthetic = SyntheticConfig(image_size=56, grid=4, min_objects=1, max_objects=4,
                                 shapes=("circle", "square", "triangle"), colors=("red", "green", "blue", "yellow"),
-                                max_turns=3, text_only_fraction=0.0)
+                                max_turns=3, text_only_fraction=0.0, caption_order="colour")
     model = C.ModelConfig(
         vision=C.VisionConfig(hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4, image_size=56,
                               patch_size=14, feature_layer=-1),  # 16 image tokens; last layer (no CLIP to reuse)

@@ -110,6 +110,10 @@ def test_synthetic_answers_follow_from_the_image(syn):
                          {"shape": "square", "color": "blue", "row": 1, "col": 0},
                          {"shape": "square", "color": "blue", "row": 2, "col": 2}]}
     assert synthetic.caption(scene) == "A red circle and two blue squares."
+    by_colour = synthetic.SyntheticConfig(colors=("blue", "red"), shapes=("square", "circle"), caption_order="colour")
+    assert synthetic.caption(scene, by_colour) == "Two blue squares and a red circle."
+    with pytest.raises(ValueError, match="caption_order"):
+        synthetic.SyntheticConfig(caption_order="size")
 
 
 # ---------------------------------------------------------------------------------------------

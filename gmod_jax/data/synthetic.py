@@ -49,6 +49,9 @@ class SyntheticConfig:
     max_turns: int = 3  # question-answer turns per image
     text_only_fraction: float = 0.05
     question_suffix: str = ""  # e.g. "\nAnswer the question using a single word or phrase."
+    # Caption group order: "reading" (by each group's first shape, rows then columns) or "colour"
+    # (by colour, then shape, in the order of `colors` / `shapes`).
+    caption_order: str = "reading"
 
     def __post_init__(self):
         if not 1 <= self.min_objects <= self.max_objects <= self.grid * self.grid:
@@ -60,6 +63,8 @@ class SyntheticConfig:
             raise ValueError(f"unknown colours/shapes {unknown}")
         if self.image_size < 8 * self.grid:
             raise ValueError("image_size too small for the grid")
+        if self.caption_order not in ("reading", "colour"):
+            raise ValueError(f"caption_order must be 'reading' or 'colour', got {self.caption_order!r}")
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -173,12 +178,16 @@ def _questions(scene: dict[str, Any], rng: np.random.Generator, config: Syntheti
     return chosen
 
 
-def caption(scene: dict[str, Any]) -> str:
-    """"A red circle and two blue squares." (groups in reading order of their first member)."""
+def caption(scene: dict[str, Any], config: SyntheticConfig = SyntheticConfig()) -> str:
+    """"A red circle and two blue squares.": groups of equal colour and shape, in reading order of
+    their first member, or by colour then shape (`config.caption_order`)."""
     groups: dict[tuple[str, str], int] = {}
     for o in sorted(scene["objects"], key=lambda o: (o["row"], o["col"])):
         key = (o["color"], o["shape"])
         groups[key] = groups.get(key, 0) + 1
+    if config.caption_order == "colour":
+        groups = dict(sorted(groups.items(), key=lambda g: (config.colors.index(g[0][0]),
+                                                            config.shapes.index(g[0][1]))))
     parts = [f"{_a(c)} {s}" if n == 1 else f"{NUMBER_WORDS[n]} {c} {_plural(s)}" for (c, s), n in groups.items()]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return text[0].upper() + text[1:] + "."
@@ -220,7 +229,7 @@ def make_sample(seed: int, split: str, index: int, config: SyntheticConfig = Syn
         "image": f"images/{split}/{index:06d}.png",
         "conversations": _conversation(_questions(scene, rng, config), True, config.question_suffix),
         "scene": scene,
-        "caption": caption(scene),
+        "caption": caption(scene, config),
     }
 
 
