@@ -161,7 +161,7 @@ def _row_result(group, label, name, run, layers, mod, ev) -> dict:
 
 
 def markdown(s: dict) -> str:
-    lines = [f"# γ-MoD ablations on the synthetic task (Table 1 layout)\n",
+    lines = ["# γ-MoD ablations on the synthetic task (Table 1 layout)\n",
              f"Each row: the demo's dense checkpoint adapted with one setting changed, fine-tuned {s['steps']} steps "
              f"with the demo's fine-tune recipe, evaluated on {s['eval_questions']} held-out questions (exact match). "
              f"Skip = prefill tokens skipped over the MoD layers (paper §5 definition). GFLOPs per sample: the paper's "

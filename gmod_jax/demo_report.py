@@ -190,7 +190,7 @@ def write_report(root: Path, cfg, s: dict) -> Path:
         + ("The vision tower is first trained on its own to label the content of the scene cell under each "
            "patch (standing in for CLIP's pretraining; `gmod_jax.demo_vision`) and then stays frozen; "
            if cfg.vision_pretrain is not None else "The vision tower starts from random weights; ")
-        + "the projector and the LLM (random weights) are trained "
+        + "the model (the trainable parts as in the table, the LLM from random weights) is trained "
         + ("first on the captions with LLaVA's stage-1 `plain` template (the caption right after the image), "
            "then on the questions with vicuna_v1. "
            if cfg.pretrain is not None else "on the questions with vicuna_v1. ")

@@ -40,7 +40,6 @@ class VisionPretrainConfig:
             raise ValueError("vision pretraining needs steps >= 1, batch >= 1 and lr > 0")
 
 
-
 def num_cell_classes(synthetic: SyntheticConfig) -> int:
     """Empty, or one (shape, colour, size) combination."""
     return 1 + len(synthetic.shapes) * len(synthetic.colors) * len(SIZES)
