@@ -165,7 +165,7 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
     """(config, params) with numpy leaves in the dtypes they were saved in."""
-    path = Path(path)
+    path = Path(path).absolute()  # Orbax refuses relative paths
     if not (path / PARAMS_DIR).is_dir():
         raise FileNotFoundError(f"{path} is not a gmod-jax checkpoint (no {PARAMS_DIR}/ directory)")
     config = load_config(path)

@@ -49,3 +49,14 @@ def test_failed_save_leaves_no_directory(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path / "ckpt", {"llm": {"embed": np.zeros((4, 2), np.float32)}}, C.tiny())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_load_checkpoint_from_relative_path(tmp_path, monkeypatch):
+    """`--init-from runs/x/ckpt` as typed on the command line: Orbax itself wants absolute paths."""
+    cfg = C.tiny()
+    params = {"projector": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}}
+    save_checkpoint(tmp_path / "ckpt", params, cfg)
+    monkeypatch.chdir(tmp_path)
+    loaded_cfg, loaded = load_checkpoint("ckpt")
+    assert loaded_cfg == cfg
+    np.testing.assert_array_equal(loaded["projector"]["w"], params["projector"]["w"])
