@@ -184,9 +184,13 @@ class Stages:
     def stamp_path(self, name: str) -> Path:
         return self.dir / f"{name}.json"
 
+    def key(self, name: str, inputs, deps: tuple[str, ...] = ()) -> str:
+        """A stage's fingerprint: its own inputs and the keys of the finished stages it reads."""
+        return fingerprint(name, inputs, [self.done[d].key for d in deps])
+
     def run(self, name: str, inputs, outputs: list[Path], fn: Callable[[], dict], deps: tuple[str, ...] = ()) \
             -> StageResult:
-        key = fingerprint(name, inputs, [self.done[d].key for d in deps])
+        key = self.key(name, inputs, deps)
         stamp = self.stamp_path(name)
         if name not in self.rerun and stamp.is_file() and all(p.exists() for p in outputs):
             saved = json.loads(stamp.read_text())
@@ -310,8 +314,9 @@ def prompt_bucket(max_len: int, step: int = 16) -> int:
 
 def train_stage(train_cfg: TrainConfig, workdir: Path, export_dir: Path, tokenizer_dir: Path, key: str) -> dict:
     """`train.loop.run` in `workdir`, then export the final params (with the tokenizer) to
-    `export_dir`. A workdir left by a different configuration is cleared first; one left by an
-    interrupted run of this configuration is resumed from its last checkpoint."""
+    `export_dir`. `key` is the stage's fingerprint (its config and every stage upstream, so a
+    changed init checkpoint counts too): a workdir left under another key is cleared first; one
+    left by an interrupted run under this key is resumed from its last checkpoint."""
     from train.export import export_params
     from train.loop import run
 
@@ -569,14 +574,14 @@ def prepare(cfg: DemoConfig, root: Path, stages: Stages) -> Prepared:
         pre_cfg = cfg.pretrain.replace(model=model_cfg, init_from=init, export_dir=None, data=pre_data)
         stages.run("pretrain", pre_cfg, [paths.ckpt("pretrain") / "config.json"],
                    lambda: train_stage(pre_cfg, paths.train("pretrain"), paths.ckpt("pretrain"), paths.tokenizer,
-                                       fingerprint("pretrain", pre_cfg)), deps=init_deps)
+                                       stages.key("pretrain", pre_cfg, init_deps)), deps=init_deps)
         init_deps, init = ("tfds", "pretrain"), str(paths.ckpt("pretrain"))
     dense_deps, dense_init = init_deps, init
     dense_cfg = prep.train_config(cfg.dense_train, model=None if dense_init else model_cfg, init_from=dense_init,
                                   export_dir=None)
     stages.run("dense", dense_cfg, [paths.ckpt("dense") / "config.json"],
                lambda: train_stage(dense_cfg, paths.train("dense"), paths.ckpt("dense"), paths.tokenizer,
-                                   fingerprint("dense", dense_cfg)), deps=dense_deps)
+                                   stages.key("dense", dense_cfg, dense_deps)), deps=dense_deps)
 
     def make_arank():
         import gmod_jax
@@ -639,8 +644,8 @@ def finetune_stage(stages: Stages, prep: Prepared, template: TrainConfig, name: 
     if num_steps is not None:
         ft_cfg = ft_cfg.replace(num_steps=num_steps)
     return stages.run(name, ft_cfg, [export / "config.json"],
-                           lambda: train_stage(ft_cfg, workdir, export, prep.paths.tokenizer, fingerprint(name, ft_cfg)),
-                           deps=deps)
+                      lambda: train_stage(ft_cfg, workdir, export, prep.paths.tokenizer, stages.key(name, ft_cfg, deps)),
+                      deps=deps)
 
 
 def enable_compilation_cache(directory: Path) -> None:

@@ -70,6 +70,16 @@ def test_demo_smoke_end_to_end_and_cache(tmp_path):
                       config=cfg, echo=lines.append)
     assert third["ran"] == ["routing"]
 
+    # A changed upstream checkpoint retrains the fine-tune from it: the routing ratio lives in the
+    # adapted checkpoint, not in the fine-tune's own config, and a finished fine-tune workdir with
+    # the same config must not be taken for a resumable run of the new one.
+    before = json.loads((tmp_path / "stages/mod_ft.json").read_text())["result"]
+    fourth = demo.main(["--workdir", str(tmp_path), "--set", f"routing_ratio={cfg.routing_ratio / 2}"],
+                       config=cfg, echo=lines.append)
+    assert {"adapt", "mod_ft", "eval_mod_ft"} <= set(fourth["ran"]) and "dense_ft" not in fourth["ran"]
+    after = json.loads((tmp_path / "stages/mod_ft.json").read_text())["result"]
+    assert after["final_train_skip_ratio"] < before["final_train_skip_ratio"]
+
 
 def test_stages_rerun_what_changed_and_what_depends_on_it(tmp_path):
     calls = []
