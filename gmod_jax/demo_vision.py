@@ -94,6 +94,8 @@ def pretrain_vision(config: ModelConfig, vision_params: dict, train: tuple[np.nd
     import optax
 
     from gmod_jax.models.clip_vit import vision_features
+    from train.config import OptimConfig
+    from train.optimizer import make_optimizer
 
     x_train, y_train = train
     width = config.vision.hidden_size * len(config.vision.feature_layers)
@@ -110,9 +112,9 @@ def pretrain_vision(config: ModelConfig, vision_params: dict, train: tuple[np.nd
         ce = optax.softmax_cross_entropy_with_integer_labels(logits(p, x), jnp.maximum(y, 0))
         return jnp.sum(jnp.where(y >= 0, ce, 0.0)) / jnp.maximum(jnp.sum(y >= 0), 1)
 
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup_steps, cfg.steps - 1) or 1,
-                                                  max(cfg.steps, 2))
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+    # The LLaVA stages' optimizer (AdamW, linear warmup then cosine to 0, clipping at 1).
+    tx = make_optimizer(OptimConfig(lr=cfg.lr, schedule="cosine", warmup_steps=cfg.warmup_steps, weight_decay=0.0,
+                                    grad_clip=1.0), cfg.steps)
     opt_state = tx.init(params)
 
     @jax.jit
