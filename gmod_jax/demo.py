@@ -337,6 +337,14 @@ def train_stage(train_cfg: TrainConfig, workdir: Path, export_dir: Path, tokeniz
             "final_train_skip_ratio": last.get("skip_ratio"), "mod_layers": list(result.model.mod_layers)}
 
 
+def training_stage(stages: Stages, name: str, train_cfg: TrainConfig, workdir: Path, export_dir: Path,
+                   tokenizer_dir: Path, deps: tuple[str, ...]) -> StageResult:
+    """`train_stage` as the stage `name`, its workdir marked with that stage's key."""
+    return stages.run(name, train_cfg, [export_dir / "config.json"],
+                      lambda: train_stage(train_cfg, workdir, export_dir, tokenizer_dir,
+                                          stages.key(name, train_cfg, deps)), deps=deps)
+
+
 def read_metrics(path: Path) -> list[dict]:
     """Training metrics JSONL, one record per logged step (last record wins for a step, so a
     resumed run's overlap is not drawn twice)."""
@@ -572,16 +580,13 @@ def prepare(cfg: DemoConfig, root: Path, stages: Stages) -> Prepared:
         pre_data = dataclasses.replace(cfg.pretrain.data, source="tfds", path=tfds.result["captions"],
                                        tokenizer=str(paths.tokenizer), template=PRETRAIN_TEMPLATE)
         pre_cfg = cfg.pretrain.replace(model=model_cfg, init_from=init, export_dir=None, data=pre_data)
-        stages.run("pretrain", pre_cfg, [paths.ckpt("pretrain") / "config.json"],
-                   lambda: train_stage(pre_cfg, paths.train("pretrain"), paths.ckpt("pretrain"), paths.tokenizer,
-                                       stages.key("pretrain", pre_cfg, init_deps)), deps=init_deps)
+        training_stage(stages, "pretrain", pre_cfg, paths.train("pretrain"), paths.ckpt("pretrain"), paths.tokenizer,
+                       init_deps)
         init_deps, init = ("tfds", "pretrain"), str(paths.ckpt("pretrain"))
     dense_deps, dense_init = init_deps, init
     dense_cfg = prep.train_config(cfg.dense_train, model=None if dense_init else model_cfg, init_from=dense_init,
                                   export_dir=None)
-    stages.run("dense", dense_cfg, [paths.ckpt("dense") / "config.json"],
-               lambda: train_stage(dense_cfg, paths.train("dense"), paths.ckpt("dense"), paths.tokenizer,
-                                   stages.key("dense", dense_cfg, dense_deps)), deps=dense_deps)
+    training_stage(stages, "dense", dense_cfg, paths.train("dense"), paths.ckpt("dense"), paths.tokenizer, dense_deps)
 
     def make_arank():
         import gmod_jax
@@ -643,9 +648,7 @@ def finetune_stage(stages: Stages, prep: Prepared, template: TrainConfig, name: 
     ft_cfg = prep.train_config(template, model=None, init_from=str(init), export_dir=None)
     if num_steps is not None:
         ft_cfg = ft_cfg.replace(num_steps=num_steps)
-    return stages.run(name, ft_cfg, [export / "config.json"],
-                      lambda: train_stage(ft_cfg, workdir, export, prep.paths.tokenizer, stages.key(name, ft_cfg, deps)),
-                      deps=deps)
+    return training_stage(stages, name, ft_cfg, workdir, export, prep.paths.tokenizer, deps)
 
 
 def enable_compilation_cache(directory: Path) -> None:
