@@ -17,6 +17,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from convert import pipeline
+from convert.orbax_io import flatten
 from gmod_jax import sharding as shd
 from gmod_jax.models.llava import default_token_types
 from tests import hf_fixtures as fx
@@ -63,10 +64,7 @@ def test_train_steps_match_torch_adamw(tmp_path):
     spec = fx.SPECS["base"]
     model = fx.build_model(spec, seed=13)
     model.set_attn_implementation("eager")
-    src = tmp_path / "src"
-    fx.write_weights(fx.state_dict_c(model), src, "safetensors")
-    fx.write_json(src / "config.json", fx.config_v5(spec))
-    config, params, _ = pipeline.load_params(src)
+    config, params, _ = pipeline.load_params(_save_state(model, spec, tmp_path / "src"))
 
     cfg = OptimConfig(lr=1e-2, schedule="cosine", warmup_steps=2, weight_decay=0.1, grad_clip=0.5,
                       trainable=TRAINABLE)
@@ -92,28 +90,20 @@ def test_train_steps_match_torch_adamw(tmp_path):
         ours_after = jax.device_get(state["params"])
 
     # Every trained tensor, after six clipped AdamW steps at lr 1e-2, matches; the tower is untouched.
-    _, theirs_after, _ = pipeline.load_params(_save_state(model, tmp_path / "after"))
-    flat_ours, flat_theirs, flat_init = (dict(_flat(t)) for t in (ours_after, theirs_after, params))
+    _, theirs_after, _ = pipeline.load_params(_save_state(model, spec, tmp_path / "after"))
+    flat_ours, flat_theirs, flat_init = (flatten(t) for t in (ours_after, theirs_after, params))
     assert flat_ours.keys() == flat_theirs.keys()
     for key, value in flat_ours.items():
-        if key.startswith("vision/"):
-            assert np.array_equal(value, flat_init[key]), key
+        value = np.asarray(value)
+        if key[0] == "vision":
+            assert np.array_equal(value, flat_init[key]), "/".join(key)
         else:
-            assert not np.array_equal(value, flat_init[key]), f"{key} did not train"
-            np.testing.assert_allclose(value, flat_theirs[key], rtol=0, atol=1e-5, err_msg=key)
+            assert not np.array_equal(value, flat_init[key]), f"{'/'.join(key)} did not train"
+            np.testing.assert_allclose(value, flat_theirs[key], rtol=0, atol=1e-5, err_msg="/".join(key))
 
 
-def _save_state(model, out):
+def _save_state(model, spec, out):
     """The torch model's weights as a checkpoint directory the converter reads."""
     fx.write_weights(fx.state_dict_c(model), out, "safetensors")
-    fx.write_json(out / "config.json", fx.config_v5(fx.SPECS["base"]))
+    fx.write_json(out / "config.json", fx.config_v5(spec))
     return out
-
-
-def _flat(tree, prefix=""):
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            yield from _flat(value, path + "/")
-        else:
-            yield path, np.asarray(value)
