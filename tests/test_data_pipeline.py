@@ -116,6 +116,29 @@ def test_synthetic_answers_follow_from_the_image(syn):
         synthetic.SyntheticConfig(caption_order="size")
 
 
+def test_key_answers_name_the_subject_of_the_same_questions():
+    """answer_style="key" asks the same questions of the same scenes; each answer is the question's
+    subject, a colon, then the single-word answer."""
+    subjects = (r"What color is the (\w+)\?", r"How many (\w+|\w+ shapes) are there\?", r"Is there an? (\w+ \w+)\?",
+                r"Is the (\w+ \w+) on the left or the right\?", r"Which shape is at the (top|bottom)\?")
+    word, key = synthetic.SyntheticConfig(), synthetic.SyntheticConfig(answer_style="key")
+    seen = 0
+    for index in range(60):
+        a, b = (synthetic.make_sample(3, "train", index, c) for c in (word, key))
+        if "image" not in a:  # text-only samples keep their answers
+            assert a == b
+            continue
+        assert a["scene"] == b["scene"] and a["conversations"][::2] == b["conversations"][::2]
+        for q, w, k in zip(a["conversations"][::2], a["conversations"][1::2], b["conversations"][1::2]):
+            question = q["value"].removeprefix("<image>\n")
+            subject = next(m[1] for m in (re.fullmatch(p, question) for p in subjects) if m)
+            assert k["value"] == f"{subject}: {w['value']}", question
+            seen += 1
+    assert seen > 60
+    with pytest.raises(ValueError, match="answer_style"):
+        synthetic.SyntheticConfig(answer_style="sentence")
+
+
 # ---------------------------------------------------------------------------------------------
 # Grain pipeline
 

@@ -1,10 +1,10 @@
 """Procedurally generated image-question-answer data in LLaVA's JSON format.
 
 Scenes of coloured shapes on a grid, drawn with Pillow; questions about colour, count,
-presence and position with single-word answers that follow from the scene, captions for the
-stage-1 `plain` template, and a few text-only samples (as LLaVA-665K mixes in ShareGPT). Every
-sample is a pure function of (seed, split, index), so datasets are reproducible and the
-held-out split never overlaps the training stream. The files are ordinary LLaVA data: the same
+presence and position with answers that follow from the scene (one word, or the subject then
+the word: `answer_style`), captions for the stage-1 `plain` template, and a few text-only
+samples (as LLaVA-665K mixes in ShareGPT). Every sample is a pure function of (seed, split,
+index), so datasets are reproducible and the held-out split never overlaps the training stream. The files are ordinary LLaVA data: the same
 loaders, tokenizer, TFDS builder and pipeline run on them as on LLaVA-665K.
 """
 
@@ -52,6 +52,10 @@ class SyntheticConfig:
     # Caption group order: "reading" (by each group's first shape, rows then columns) or "colour"
     # (by colour, then shape, in the order of `colors` / `shapes`).
     caption_order: str = "reading"
+    # "word": single-word answers ("yes"). "key": the answer first names what the question is
+    # about ("red circle: yes", "circles: two", "top: square"), so the answer word is predicted
+    # right after the words it depends on.
+    answer_style: str = "word"
 
     def __post_init__(self):
         if not 1 <= self.min_objects <= self.max_objects <= self.grid * self.grid:
@@ -65,6 +69,8 @@ class SyntheticConfig:
             raise ValueError("image_size too small for the grid")
         if self.caption_order not in ("reading", "colour"):
             raise ValueError(f"caption_order must be 'reading' or 'colour', got {self.caption_order!r}")
+        if self.answer_style not in ("word", "key"):
+            raise ValueError(f"answer_style must be 'word' or 'key', got {self.answer_style!r}")
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -142,12 +148,18 @@ def _questions(scene: dict[str, Any], rng: np.random.Generator, config: Syntheti
     pairs = {(o["color"], o["shape"]) for o in objs}
     kinds: dict[str, list[tuple[str, str]]] = {}
 
-    kinds["color"] = [(f"What color is the {s}?", next(o["color"] for o in objs if o["shape"] == s))
+    def answer(subject: str, word: str) -> str:
+        return f"{subject}: {word}" if config.answer_style == "key" else word
+
+    kinds["color"] = [(f"What color is the {s}?", answer(s, next(o["color"] for o in objs if o["shape"] == s)))
                       for s, n in shape_counts.items() if n == 1]
-    kinds["count_shape"] = [(f"How many {_plural(s)} are there?", NUMBER_WORDS[n]) for s, n in shape_counts.items()]
-    kinds["count_color"] = [(f"How many {c} shapes are there?", NUMBER_WORDS[n]) for c, n in color_counts.items()]
-    present = [(f"Is there {_a(c)} {s}?", "yes") for c, s in sorted(pairs)]
-    absent = [(f"Is there {_a(c)} {s}?", "no") for c in config.colors for s in config.shapes if (c, s) not in pairs]
+    kinds["count_shape"] = [(f"How many {_plural(s)} are there?", answer(_plural(s), NUMBER_WORDS[n]))
+                            for s, n in shape_counts.items()]
+    kinds["count_color"] = [(f"How many {c} shapes are there?", answer(f"{c} shapes", NUMBER_WORDS[n]))
+                            for c, n in color_counts.items()]
+    present = [(f"Is there {_a(c)} {s}?", answer(f"{c} {s}", "yes")) for c, s in sorted(pairs)]
+    absent = [(f"Is there {_a(c)} {s}?", answer(f"{c} {s}", "no"))
+              for c in config.colors for s in config.shapes if (c, s) not in pairs]
     kinds["presence_yes"], kinds["presence_no"] = present, absent
 
     unique = [o for o in objs if sum((p["color"], p["shape"]) == (o["color"], o["shape"]) for p in objs) == 1]
@@ -156,7 +168,7 @@ def _questions(scene: dict[str, Any], rng: np.random.Generator, config: Syntheti
         mid = (config.grid - 1) / 2
         if o["col"] != mid:  # the middle column of an odd grid is neither left nor right
             side.append((f"Is the {o['color']} {o['shape']} on the left or the right?",
-                         "left" if o["col"] < mid else "right"))
+                         answer(f"{o['color']} {o['shape']}", "left" if o["col"] < mid else "right")))
     kinds["left_right"] = side
     vertical = []
     if len(objs) >= 2:
@@ -164,7 +176,7 @@ def _questions(scene: dict[str, Any], rng: np.random.Generator, config: Syntheti
         for word, row in (("top", rows[0]), ("bottom", rows[-1])):
             at = [o for o in objs if o["row"] == row]
             if len(at) == 1 and rows[0] != rows[-1]:
-                vertical.append((f"Which shape is at the {word}?", at[0]["shape"]))
+                vertical.append((f"Which shape is at the {word}?", answer(word, at[0]["shape"])))
     kinds["top_bottom"] = vertical
 
     available = [k for k in sorted(kinds) if kinds[k]]
