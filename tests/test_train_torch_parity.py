@@ -37,9 +37,9 @@ def _batches(spec, image_token_index):
         ids, mask, pixels = fx.parity_inputs(spec, seed=seed)
         labels = np.where((ids == spec.image_token) | (mask == 0), IGNORE_INDEX, ids)
         labels[:, :5] = IGNORE_INDEX  # a prompt: no loss on the first tokens
-        ours = {"input_ids": ids, "labels": labels, "attention_mask": mask.astype(bool),
-                "token_types": np.asarray(default_token_types(jnp.asarray(ids), image_token_index,
-                                                              jnp.asarray(mask.astype(bool)))),
+        valid = mask.astype(bool)
+        ours = {"input_ids": ids, "labels": labels, "attention_mask": valid,
+                "token_types": np.asarray(default_token_types(jnp.asarray(ids), image_token_index, jnp.asarray(valid))),
                 "pixel_values": pixels.transpose(0, 2, 3, 1)}
         theirs = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask),
                   "pixel_values": torch.tensor(pixels), "labels": torch.tensor(labels)}
@@ -51,13 +51,14 @@ def _torch_optimizer(model, cfg: OptimConfig):
     """AdamW over the LLM and projector; no decay on biases and norm weights (our `no_decay`)."""
     for name, p in model.named_parameters():
         p.requires_grad_(not name.startswith("model.vision_tower."))
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    no_decay = [p for n, p in named if n.endswith("bias") or "norm" in n]
-    decay = [p for n, p in named if not (n.endswith("bias") or "norm" in n)]
-    adamw = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}],
+    groups = {True: [], False: []}  # decayed or not
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[not (name.endswith("bias") or "norm" in name)].append(p)
+    adamw = torch.optim.AdamW([{"params": groups[True], "weight_decay": cfg.weight_decay},
+                               {"params": groups[False], "weight_decay": 0.0}],
                               lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps)
-    return adamw, [p for _, p in named]
+    return adamw, groups[True] + groups[False]
 
 
 def test_train_steps_match_torch_adamw(tmp_path):

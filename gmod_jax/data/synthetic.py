@@ -4,8 +4,9 @@ Scenes of coloured shapes on a grid, drawn with Pillow; questions about colour, 
 presence and position with answers that follow from the scene (one word, or the subject then
 the word: `answer_style`), captions for the stage-1 `plain` template, and a few text-only
 samples (as LLaVA-665K mixes in ShareGPT). Every sample is a pure function of (seed, split,
-index), so datasets are reproducible and the held-out split never overlaps the training stream. The files are ordinary LLaVA data: the same
-loaders, tokenizer, TFDS builder and pipeline run on them as on LLaVA-665K.
+index), so datasets are reproducible and the held-out split never overlaps the training stream.
+The files are ordinary LLaVA data: the same loaders, tokenizer, TFDS builder and pipeline run on
+them as on LLaVA-665K.
 """
 
 from __future__ import annotations
