@@ -227,7 +227,7 @@ def question_kind(question: str) -> str:
         return "presence"
     if q.endswith("on the left or the right?"):
         return "left_right"
-    if q.startswith("Which shape is at the"):
+    if q.startswith("Which shape is at the") or q.endswith("at the top or the bottom?"):
         return "top_bottom"
     return "other"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 import json
 import re
 import sys
@@ -78,6 +79,9 @@ def _answer(question: str, scene: dict) -> str:
     if m := re.fullmatch(r"Is the (\w+) (\w+) on the left or the right\?", question):
         (obj,) = [o for o in objs if (o["color"], o["shape"]) == (m[1], m[2])]
         return "left" if obj["cx"] < scene["image_size"] / 2 else "right"
+    if m := re.fullmatch(r"Is the (\w+) (\w+) at the top or the bottom\?", question):
+        (obj,) = [o for o in objs if (o["color"], o["shape"]) == (m[1], m[2])]
+        return "top" if obj["cy"] < scene["image_size"] / 2 else "bottom"
     if m := re.fullmatch(r"Which shape is at the (top|bottom)\?", question):
         key = (lambda o: o["cy"]) if m[1] == "top" else (lambda o: -o["cy"])
         return min(objs, key=key)["shape"]
@@ -114,6 +118,36 @@ def test_synthetic_answers_follow_from_the_image(syn):
     assert synthetic.caption(scene, by_colour) == "Two blue squares and a red circle."
     with pytest.raises(ValueError, match="caption_order"):
         synthetic.SyntheticConfig(caption_order="size")
+
+
+def test_where_questions_follow_from_the_image_and_captions_say_where_groups_lie():
+    where = synthetic.SyntheticConfig(grid=4, image_size=56, vertical_question="where", caption_positions=True)
+    asked = 0
+    for index in range(80):
+        sample = synthetic.make_sample(5, "train", index, where)
+        plain = synthetic.make_sample(5, "train", index, synthetic.SyntheticConfig(grid=4, image_size=56))
+        assert sample.get("scene") == plain.get("scene")  # same scenes; only the wording differs
+        for q, a in zip(sample["conversations"][::2], sample["conversations"][1::2]):
+            question = q["value"].removeprefix("<image>\n")
+            assert not question.startswith("Which shape")
+            if "scene" in sample:
+                assert a["value"] == _answer(question, sample["scene"]), (index, question)
+                asked += question.endswith("at the top or the bottom?")
+    assert asked >= 5
+
+    def obj(shape, color, row, col):
+        return {"shape": shape, "color": color, "row": row, "col": col}
+
+    scene = {"grid": 4, "objects": [obj("circle", "red", 0, 0), obj("square", "blue", 1, 0), obj("square", "blue", 2, 2),
+                                    obj("star", "green", 3, 1), obj("star", "green", 2, 0)]}
+    assert synthetic.caption(scene, where) == ("A red circle at the top left, two blue squares and "
+                                               "two green stars at the bottom left.")
+    scene = {"grid": 3, "objects": [obj("circle", "red", 1, 0), obj("square", "blue", 0, 1), obj("star", "red", 1, 1),
+                                    obj("square", "green", 0, 2)]}  # the middle row / column is neither side
+    assert synthetic.caption(scene, where) == ("A blue square at the top, a green square at the top right, "
+                                               "a red circle on the left and a red star.")
+    with pytest.raises(ValueError, match="vertical_question"):
+        synthetic.SyntheticConfig(vertical_question="middle")
 
 
 def test_key_answers_name_the_subject_of_the_same_questions():

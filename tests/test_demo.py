@@ -158,6 +158,7 @@ def test_ablation_rows_that_coincide_share_a_run():
                                        ("How many circles are there?", "count_shape"),
                                        ("Is there a blue square?", "presence"),
                                        ("Is the red circle on the left or the right?", "left_right"),
-                                       ("Which shape is at the top?", "top_bottom")])
+                                       ("Which shape is at the top?", "top_bottom"),
+                                       ("Is the red circle at the top or the bottom?", "top_bottom")])
 def test_question_kind(text, kind):
     assert demo.question_kind("<image>\n" + text) == kind

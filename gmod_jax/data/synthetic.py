@@ -57,6 +57,12 @@ class SyntheticConfig:
     # about ("red circle: yes", "circles: two", "top: square"), so the answer word is predicted
     # right after the words it depends on.
     answer_style: str = "word"
+    # Captions also say where each group of equal shapes lies when its members agree ("a red circle
+    # at the top left", "two blue squares on the right"): stage 1 then teaches reading positions.
+    caption_positions: bool = False
+    # "which": "Which shape is at the top?" (the top-most shape, when one is). "where": "Is the red
+    # circle at the top or the bottom?" for each unique (colour, shape), as the left/right question.
+    vertical_question: str = "which"
 
     def __post_init__(self):
         if not 1 <= self.min_objects <= self.max_objects <= self.grid * self.grid:
@@ -72,6 +78,8 @@ class SyntheticConfig:
             raise ValueError(f"caption_order must be 'reading' or 'colour', got {self.caption_order!r}")
         if self.answer_style not in ("word", "key"):
             raise ValueError(f"answer_style must be 'word' or 'key', got {self.answer_style!r}")
+        if self.vertical_question not in ("which", "where"):
+            raise ValueError(f"vertical_question must be 'which' or 'where', got {self.vertical_question!r}")
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -141,6 +149,24 @@ def _a(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
+def _side(index: int, grid: int, low: str, high: str) -> str | None:
+    """`low` for the first half of the rows (columns), `high` for the second, None for the middle
+    one of an odd grid."""
+    mid = (grid - 1) / 2
+    return None if index == mid else (low if index < mid else high)
+
+
+def _where(objs: list[dict[str, Any]], grid: int) -> str:
+    """" at the top left" / " at the top" / " on the left" where all `objs` agree, else ""."""
+    vertical = {_side(o["row"], grid, "top", "bottom") for o in objs}
+    horizontal = {_side(o["col"], grid, "left", "right") for o in objs}
+    v = vertical.pop() if len(vertical) == 1 else None
+    h = horizontal.pop() if len(horizontal) == 1 else None
+    if v and h:
+        return f" at the {v} {h}"
+    return f" at the {v}" if v else (f" on the {h}" if h else "")
+
+
 def _questions(scene: dict[str, Any], rng: np.random.Generator, config: SyntheticConfig) -> list[tuple[str, str]]:
     """Candidate (question, answer) pairs grouped by kind; one kind is drawn per turn."""
     objs = scene["objects"]
@@ -164,15 +190,15 @@ def _questions(scene: dict[str, Any], rng: np.random.Generator, config: Syntheti
     kinds["presence_yes"], kinds["presence_no"] = present, absent
 
     unique = [o for o in objs if sum((p["color"], p["shape"]) == (o["color"], o["shape"]) for p in objs) == 1]
-    side = []
-    for o in unique:
-        mid = (config.grid - 1) / 2
-        if o["col"] != mid:  # the middle column of an odd grid is neither left nor right
-            side.append((f"Is the {o['color']} {o['shape']} on the left or the right?",
-                         answer(f"{o['color']} {o['shape']}", "left" if o["col"] < mid else "right")))
+    side, vertical = [], []
+    for o in unique:  # the middle column (row) of an odd grid is neither left nor right (top nor bottom)
+        subject = f"{o['color']} {o['shape']}"
+        if word := _side(o["col"], config.grid, "left", "right"):
+            side.append((f"Is the {subject} on the left or the right?", answer(subject, word)))
+        if config.vertical_question == "where" and (word := _side(o["row"], config.grid, "top", "bottom")):
+            vertical.append((f"Is the {subject} at the top or the bottom?", answer(subject, word)))
     kinds["left_right"] = side
-    vertical = []
-    if len(objs) >= 2:
+    if config.vertical_question == "which" and len(objs) >= 2:
         rows = sorted(o["row"] for o in objs)
         for word, row in (("top", rows[0]), ("bottom", rows[-1])):
             at = [o for o in objs if o["row"] == row]
@@ -193,15 +219,16 @@ def _questions(scene: dict[str, Any], rng: np.random.Generator, config: Syntheti
 
 def caption(scene: dict[str, Any], config: SyntheticConfig = SyntheticConfig()) -> str:
     """"A red circle and two blue squares.": groups of equal colour and shape, in reading order of
-    their first member, or by colour then shape (`config.caption_order`)."""
-    groups: dict[tuple[str, str], int] = {}
+    their first member, or by colour then shape (`config.caption_order`); with
+    `config.caption_positions` each group also says where it lies when its members agree."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for o in sorted(scene["objects"], key=lambda o: (o["row"], o["col"])):
-        key = (o["color"], o["shape"])
-        groups[key] = groups.get(key, 0) + 1
+        groups.setdefault((o["color"], o["shape"]), []).append(o)
     if config.caption_order == "colour":
         groups = dict(sorted(groups.items(), key=lambda g: (config.colors.index(g[0][0]),
                                                             config.shapes.index(g[0][1]))))
-    parts = [f"{_a(c)} {s}" if n == 1 else f"{NUMBER_WORDS[n]} {c} {_plural(s)}" for (c, s), n in groups.items()]
+    parts = [(f"{_a(c)} {s}" if len(m) == 1 else f"{NUMBER_WORDS[len(m)]} {c} {_plural(s)}")
+             + (_where(m, scene["grid"]) if config.caption_positions else "") for (c, s), m in groups.items()]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return text[0].upper() + text[1:] + "."
 
