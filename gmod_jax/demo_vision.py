@@ -9,7 +9,10 @@ cheap supervised task: every patch token of its LLaVA features (the same `featur
 dropped) predicts, through one shared linear read-out, what occupies the grid cell the patch
 lies in (empty, or shape x colour x size). The labels are per token on purpose: the LLM finds
 an object by attending to the image tokens that show it, so each token has to carry its own
-cell's content. The read-out is thrown away; the tower's weights go on into the LLaVA stages,
+cell's content. With `position_labels` two more read-outs name the token's grid row and column:
+trained on content alone, the features kept no trace of where a patch lies (a linear probe told
+left from right for 59% of object patches), which CLIP's features do keep and position questions
+need. The read-outs are thrown away; the tower's weights go on into the LLaVA stages,
 which keep it frozen as LLaVA keeps CLIP frozen.
 """
 
@@ -34,6 +37,7 @@ class VisionPretrainConfig:
     lr: float = 3e-3  # AdamW peak, linear warmup then cosine to 0
     warmup_steps: int = 20
     seed: int = 0
+    position_labels: bool = False  # every patch also names its grid row and column (two more read-outs)
 
     def __post_init__(self):
         if self.steps < 1 or self.batch < 1 or self.lr <= 0:
@@ -86,8 +90,11 @@ def load_split(records: list[dict], data_dir: Path, config: ModelConfig,
 
 def pretrain_vision(config: ModelConfig, vision_params: dict, train: tuple[np.ndarray, np.ndarray],
                     heldout: tuple[np.ndarray, np.ndarray], cfg: VisionPretrainConfig, num_classes: int,
-                    echo: Callable[[str], None] = print) -> tuple[dict, dict]:
-    """Train `vision_params` (the model's `vision` subtree) with a per-token linear read-out.
+                    echo: Callable[[str], None] = print, cells: np.ndarray | None = None,
+                    grid: int = 0) -> tuple[dict, dict]:
+    """Train `vision_params` (the model's `vision` subtree) with a per-token linear read-out of the
+    cell content, and with `cfg.position_labels` two more of the token's grid row and column
+    (`cells`: each token's cell, from `token_cells`; `grid`: cells per side).
     Returns (trained vision params, {"loss": [...], "heldout_token_accuracy": float, ...})."""
     import jax
     import jax.numpy as jnp
@@ -100,17 +107,33 @@ def pretrain_vision(config: ModelConfig, vision_params: dict, train: tuple[np.nd
     x_train, y_train = train
     width = config.vision.hidden_size * len(config.vision.feature_layers)
     key = jax.random.key(cfg.seed, impl="rbg")
-    head = {"kernel": jax.random.normal(key, (width, num_classes), jnp.float32) * width ** -0.5,
-            "bias": jnp.zeros((num_classes,), jnp.float32)}
-    params = {"vision": vision_params, "head": head}
+
+    def read_out(k, n):
+        return {"kernel": jax.random.normal(k, (width, n), jnp.float32) * width ** -0.5,
+                "bias": jnp.zeros((n,), jnp.float32)}
+
+    params = {"vision": vision_params, "head": read_out(key, num_classes)}
+    # Labels that depend on the token's place only: its grid row and column (-1 for a CLS token).
+    place_labels: dict[str, np.ndarray] = {}
+    if cfg.position_labels:
+        if cells is None or grid < 1:
+            raise ValueError("position_labels needs the token cells and the grid size")
+        place_labels = {"row": np.where(cells >= 0, cells // grid, -1), "col": np.where(cells >= 0, cells % grid, -1)}
+        for name, k in zip(place_labels, jax.random.split(jax.random.fold_in(key, 1))):
+            params[name] = read_out(k, grid)
+
+    def masked_ce(z, y):
+        per = optax.softmax_cross_entropy_with_integer_labels(z, jnp.maximum(y, 0))
+        return jnp.sum(jnp.where(y >= 0, per, 0.0)) / jnp.maximum(jnp.sum(y >= 0), 1)
 
     def logits(p, x):
         feats = vision_features(config, p["vision"], x).astype(jnp.float32)
-        return feats @ p["head"]["kernel"] + p["head"]["bias"]
+        return {name: feats @ p[name]["kernel"] + p[name]["bias"] for name in ("head", *place_labels)}
 
     def loss_fn(p, x, y):
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits(p, x), jnp.maximum(y, 0))
-        return jnp.sum(jnp.where(y >= 0, ce, 0.0)) / jnp.maximum(jnp.sum(y >= 0), 1)
+        z = logits(p, x)
+        return masked_ce(z["head"], y) + sum(masked_ce(z[name], jnp.broadcast_to(lab, y.shape))
+                                             for name, lab in place_labels.items())
 
     # The LLaVA stages' optimizer (AdamW, linear warmup then cosine to 0, clipping at 1).
     tx = make_optimizer(OptimConfig(lr=cfg.lr, schedule="cosine", warmup_steps=cfg.warmup_steps, weight_decay=0.0,
@@ -123,7 +146,7 @@ def pretrain_vision(config: ModelConfig, vision_params: dict, train: tuple[np.nd
         updates, s = tx.update(grads, s, p)
         return optax.apply_updates(p, updates), s, loss
 
-    predict = jax.jit(lambda p, x: jnp.argmax(logits(p, x), -1))
+    predict = jax.jit(lambda p, x: {name: jnp.argmax(z, -1) for name, z in logits(p, x).items()})
     rng = np.random.default_rng(cfg.seed)
     losses, t0 = [], time.perf_counter()
     for i in range(cfg.steps):
@@ -133,11 +156,16 @@ def pretrain_vision(config: ModelConfig, vision_params: dict, train: tuple[np.nd
             losses.append((i + 1, float(loss)))
             echo(f"  vision step {i + 1}/{cfg.steps}: token loss {losses[-1][1]:.4f}")
     x_eval, y_eval = heldout
-    pred = np.concatenate([np.asarray(predict(params, x_eval[s:s + 256])) for s in range(0, len(x_eval), 256)])
+    chunks = [jax.device_get(predict(params, x_eval[s:s + 256])) for s in range(0, len(x_eval), 256)]
+    pred = {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
     labelled = y_eval >= 0
-    stats = {"loss": losses, "heldout_token_accuracy": float((pred == y_eval)[labelled].mean()),
-             "heldout_image_accuracy": float(((pred == y_eval) | ~labelled).all(axis=1).mean()),
+    right = pred["head"] == y_eval
+    stats = {"loss": losses, "heldout_token_accuracy": float(right[labelled].mean()),
+             "heldout_image_accuracy": float((right | ~labelled).all(axis=1).mean()),
              "seconds": time.perf_counter() - t0, "steps": cfg.steps, "batch": cfg.batch}
+    if place_labels:  # both the row and the column named right
+        placed = np.all([pred[name] == lab[None] for name, lab in place_labels.items()], axis=0)
+        stats["heldout_position_accuracy"] = float(placed[labelled].mean())
     return jax.device_get(params["vision"]), stats
 
 
@@ -152,9 +180,11 @@ def vision_stage(config: ModelConfig, cfg: VisionPretrainConfig, synthetic: Synt
     heldout = load_split(json.loads(Path(eval_json).read_text()), data_dir, config, synthetic)
     model = init_random(config, seed)
     vision, stats = pretrain_vision(config, model.params["vision"], train, heldout, cfg,
-                                    num_cell_classes(synthetic), echo)
+                                    num_cell_classes(synthetic), echo, token_cells(config, synthetic), synthetic.grid)
     save_checkpoint(out_dir, {**model.params, "vision": vision}, config, tokenizer_src_dir=tokenizer_dir,
                     overwrite=True)
     echo(f"  vision tower: held-out token accuracy {stats['heldout_token_accuracy']:.1%}, "
-         f"every token of an image right {stats['heldout_image_accuracy']:.1%}")
+         f"every token of an image right {stats['heldout_image_accuracy']:.1%}"
+         + (f", row and column right {stats['heldout_position_accuracy']:.1%}"
+            if "heldout_position_accuracy" in stats else ""))
     return stats

@@ -77,6 +77,23 @@ def test_pretraining_learns_the_cells_and_only_touches_the_tower(dataset, tmp_pa
             np.testing.assert_array_equal(a, b)
 
 
+def test_position_labels_make_every_token_name_its_row_and_column(dataset):
+    """With `position_labels` the features also carry where a patch lies (what LLaVA's CLIP
+    features keep and a content-only read-out lets the tower drop)."""
+    import json
+
+    ds, root = dataset
+    train = load_split(json.loads(ds.train_json.read_text()), root, MODEL, SYN)
+    heldout = load_split(json.loads(ds.eval_json.read_text()), root, MODEL, SYN)
+    cfg = VisionPretrainConfig(steps=60, batch=32, lr=3e-3, warmup_steps=5, position_labels=True)
+    params = init_random(MODEL, seed=3).params["vision"]
+    _, stats = pretrain_vision(MODEL, params, train, heldout, cfg, num_cell_classes(SYN), echo=lambda s: None,
+                               cells=token_cells(MODEL, SYN), grid=SYN.grid)
+    assert stats["heldout_position_accuracy"] > 0.9  # 4 places: chance is 25%
+    with pytest.raises(ValueError, match="position_labels"):
+        pretrain_vision(MODEL, params, train, heldout, cfg, num_cell_classes(SYN), echo=lambda s: None)
+
+
 def jax_leaves(tree):
     import jax
 
