@@ -1,4 +1,5 @@
-"""The demo pipeline at a drastically reduced size: every stage runs, nothing is learned.
+"""The demo pipeline at a drastically reduced size: every stage runs, nothing is learned. The
+data and routing options are the default demo's, so the tests run its code paths.
 
     python -m gmod_jax.demo --workdir /tmp/demo_smoke --config configs/demo_smoke.py
 
@@ -14,7 +15,8 @@ from train.config import DataConfig, OptimConfig, TrainConfig
 
 def get_config() -> DemoConfig:
     synthetic = SyntheticConfig(image_size=28, grid=2, min_objects=1, max_objects=2, shapes=("circle", "square"),
-                                colors=("red", "blue"), max_turns=1, text_only_fraction=0.0)
+                                colors=("red", "blue"), max_turns=1, text_only_fraction=0.0, caption_order="colour",
+                                caption_positions=True, vertical_question="where", answer_style="key")
     model = C.ModelConfig(
         vision=C.VisionConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, image_size=28,
                               patch_size=14, feature_layer=-1),  # 4 image tokens
@@ -30,11 +32,11 @@ def get_config() -> DemoConfig:
 
     return DemoConfig(
         model=model,
-        vision_pretrain=VisionPretrainConfig(steps=2, batch=8, warmup_steps=1),
+        vision_pretrain=VisionPretrainConfig(steps=2, batch=8, warmup_steps=1, position_labels=True),
         pretrain=recipe(2, (r"^projector/", r"^llm/")).replace(data=DataConfig(max_length=32, buckets=(32,))),
         dense_train=recipe(2, (r"^projector/", r"^llm/")),
         finetune=recipe(2, (r"^projector/", r"^llm/")),
         synthetic=synthetic, num_train=24, num_eval=6, vocab_size=512, tokenizer_texts=400,
         arank_samples=4, num_dense=2, eval_batch=8, speed_batch=2, speed_repeats=1, routing_samples=4,
-        num_overlays=1,
+        num_overlays=1, mod_options=(("inference_routing", "capacity"), ("decode_threshold", 0.0)),
     )
