@@ -89,12 +89,11 @@ def load_split(records: list[dict], data_dir: Path, config: ModelConfig,
 
 
 def pretrain_vision(config: ModelConfig, vision_params: dict, train: tuple[np.ndarray, np.ndarray],
-                    heldout: tuple[np.ndarray, np.ndarray], cfg: VisionPretrainConfig, num_classes: int,
-                    echo: Callable[[str], None] = print, cells: np.ndarray | None = None,
-                    grid: int = 0) -> tuple[dict, dict]:
+                    heldout: tuple[np.ndarray, np.ndarray], cfg: VisionPretrainConfig, synthetic: SyntheticConfig,
+                    echo: Callable[[str], None] = print) -> tuple[dict, dict]:
     """Train `vision_params` (the model's `vision` subtree) with a per-token linear read-out of the
-    cell content, and with `cfg.position_labels` two more of the token's grid row and column
-    (`cells`: each token's cell, from `token_cells`; `grid`: cells per side).
+    cell content (`load_split`'s labels), and with `cfg.position_labels` two more of the grid row
+    and column the token lies in.
     Returns (trained vision params, {"loss": [...], "heldout_token_accuracy": float, ...})."""
     import jax
     import jax.numpy as jnp
@@ -112,12 +111,11 @@ def pretrain_vision(config: ModelConfig, vision_params: dict, train: tuple[np.nd
         return {"kernel": jax.random.normal(k, (width, n), jnp.float32) * width ** -0.5,
                 "bias": jnp.zeros((n,), jnp.float32)}
 
-    params = {"vision": vision_params, "head": read_out(key, num_classes)}
+    params = {"vision": vision_params, "head": read_out(key, num_cell_classes(synthetic))}
     # Labels that depend on the token's place only: its grid row and column (-1 for a CLS token).
     place_labels: dict[str, np.ndarray] = {}
     if cfg.position_labels:
-        if cells is None or grid < 1:
-            raise ValueError("position_labels needs the token cells and the grid size")
+        cells, grid = token_cells(config, synthetic), synthetic.grid
         place_labels = {"row": np.where(cells >= 0, cells // grid, -1), "col": np.where(cells >= 0, cells % grid, -1)}
         for name, k in zip(place_labels, jax.random.split(jax.random.fold_in(key, 1))):
             params[name] = read_out(k, grid)
@@ -179,8 +177,7 @@ def vision_stage(config: ModelConfig, cfg: VisionPretrainConfig, synthetic: Synt
     train = load_split(json.loads(Path(train_json).read_text()), data_dir, config, synthetic)
     heldout = load_split(json.loads(Path(eval_json).read_text()), data_dir, config, synthetic)
     model = init_random(config, seed)
-    vision, stats = pretrain_vision(config, model.params["vision"], train, heldout, cfg,
-                                    num_cell_classes(synthetic), echo, token_cells(config, synthetic), synthetic.grid)
+    vision, stats = pretrain_vision(config, model.params["vision"], train, heldout, cfg, synthetic, echo)
     save_checkpoint(out_dir, {**model.params, "vision": vision}, config, tokenizer_src_dir=tokenizer_dir,
                     overwrite=True)
     echo(f"  vision tower: held-out token accuracy {stats['heldout_token_accuracy']:.1%}, "

@@ -59,8 +59,7 @@ def test_pretraining_learns_the_cells_and_only_touches_the_tower(dataset, tmp_pa
     assert train[0].shape == (160, 28, 28, 3) and train[1].shape == (160, 16)
     model = init_random(MODEL, seed=3)
     cfg = VisionPretrainConfig(steps=60, batch=32, lr=3e-3, warmup_steps=5)
-    vision, stats = pretrain_vision(MODEL, model.params["vision"], train, heldout, cfg, num_cell_classes(SYN),
-                                    echo=lambda s: None)
+    vision, stats = pretrain_vision(MODEL, model.params["vision"], train, heldout, cfg, SYN, echo=lambda s: None)
     assert stats["loss"][-1][1] < 0.5 * stats["loss"][0][1]
     # Better than always answering the most common training label of each token position.
     majority = np.mean([np.mean(heldout[1][:, t] == np.bincount(train[1][:, t]).argmax()) for t in range(16)])
@@ -86,12 +85,9 @@ def test_position_labels_make_every_token_name_its_row_and_column(dataset):
     train = load_split(json.loads(ds.train_json.read_text()), root, MODEL, SYN)
     heldout = load_split(json.loads(ds.eval_json.read_text()), root, MODEL, SYN)
     cfg = VisionPretrainConfig(steps=60, batch=32, lr=3e-3, warmup_steps=5, position_labels=True)
-    params = init_random(MODEL, seed=3).params["vision"]
-    _, stats = pretrain_vision(MODEL, params, train, heldout, cfg, num_cell_classes(SYN), echo=lambda s: None,
-                               cells=token_cells(MODEL, SYN), grid=SYN.grid)
+    _, stats = pretrain_vision(MODEL, init_random(MODEL, seed=3).params["vision"], train, heldout, cfg, SYN,
+                               echo=lambda s: None)
     assert stats["heldout_position_accuracy"] > 0.9  # 4 places: chance is 25%
-    with pytest.raises(ValueError, match="position_labels"):
-        pretrain_vision(MODEL, params, train, heldout, cfg, num_cell_classes(SYN), echo=lambda s: None)
 
 
 def jax_leaves(tree):
