@@ -1,5 +1,6 @@
 """The demo pipeline at a drastically reduced size: every stage runs, nothing is learned. The
-data and routing options are the default demo's, so the tests run its code paths.
+data and routing options are the default demo's, so the tests run its code paths; the vision
+tower also learns the optional attribute labels, so that path and its report line run too.
 
     python -m gmod_jax.demo --workdir /tmp/demo_smoke --config configs/demo_smoke.py
 
@@ -32,7 +33,8 @@ def get_config() -> DemoConfig:
 
     return DemoConfig(
         model=model,
-        vision_pretrain=VisionPretrainConfig(steps=2, batch=8, warmup_steps=1, position_labels=True),
+        vision_pretrain=VisionPretrainConfig(steps=2, batch=8, warmup_steps=1, position_labels=True,
+                                             attribute_labels=True),
         pretrain=recipe(2, (r"^projector/", r"^llm/")).replace(data=DataConfig(max_length=32, buckets=(32,))),
         dense_train=recipe(2, (r"^projector/", r"^llm/")),
         finetune=recipe(2, (r"^projector/", r"^llm/")),

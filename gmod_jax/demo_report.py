@@ -165,11 +165,13 @@ def write_report(root: Path, cfg, s: dict) -> Path:
     st = s["stage_seconds"]
     if s.get("vision") and cfg.vision_pretrain is not None:
         vs, vcfg = s["vision"], cfg.vision_pretrain
-        placed = vs.get("heldout_position_accuracy")
-        add(f"| vision tower (CLIP's stand-in) | {'content, row and column' if placed is not None else 'a label'} "
-            f"per patch | random | vision tower, linear read-outs | {vs['steps']} × {vs['batch']} | {vcfg.lr:g}, "
-            f"cosine | {vs['loss'][-1][1]:.4f} (held-out patches {vs['heldout_token_accuracy']:.1%} right"
-            + (f", placed {placed:.1%} right" if placed is not None else "") + f") | – | – | {st['vision']:.0f} s |")
+        placed, named = vs.get("heldout_position_accuracy"), vs.get("heldout_attribute_accuracy")
+        labels = ["content"] + (["shape, colour, size"] if named is not None else []) \
+            + (["row, column"] if placed is not None else [])
+        add(f"| vision tower (CLIP's stand-in) | {'; '.join(labels)} per patch | random | vision tower, linear read-outs "
+            f"| {vs['steps']} × {vs['batch']} | {vcfg.lr:g}, cosine | {vs['loss'][-1][1]:.4f} (held-out patches "
+            f"{vs['heldout_token_accuracy']:.1%} right" + (f", attributes {named:.1%}" if named is not None else "")
+            + (f", placed {placed:.1%}" if placed is not None else "") + f") | – | – | {st['vision']:.0f} s |")
     if s.get("pretrain") and cfg.pretrain is not None:
         pt, pcfg = s["pretrain"], cfg.pretrain
         add(f"| dense, captions | captions, `plain` | {'vision run' if s.get('vision') else 'random'} "
@@ -190,8 +192,10 @@ def write_report(root: Path, cfg, s: dict) -> Path:
     add("")
     add("There is no pretrained CLIP or LLM here. "
         + ("The vision tower is first trained on its own to label the content of the scene cell under each "
-           + ("patch and the patch's row and column " if cfg.vision_pretrain.position_labels else "patch ")
-           + "(standing in for CLIP's pretraining; `gmod_jax.demo_vision`) and then stays frozen; "
+           "patch" + (", that content's shape, colour and size on their own"
+                      if cfg.vision_pretrain.attribute_labels else "")
+           + (" and the patch's row and column" if cfg.vision_pretrain.position_labels else "")
+           + " (standing in for CLIP's pretraining; `gmod_jax.demo_vision`) and then stays frozen; "
            if cfg.vision_pretrain is not None else "The vision tower starts from random weights; ")
         + "the model (the trainable parts as in the table, the LLM from random weights) is trained "
         + ("first on the captions with LLaVA's stage-1 `plain` template (the caption right after the image), "

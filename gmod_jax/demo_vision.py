@@ -12,8 +12,10 @@ an object by attending to the image tokens that show it, so each token has to ca
 cell's content. With `position_labels` two more read-outs name the token's grid row and column:
 trained on content alone, the features kept no trace of where a patch lies (a linear probe told
 left from right for 59% of object patches), which CLIP's features do keep and position questions
-need. The read-outs are thrown away; the tower's weights go on into the LLaVA stages,
-which keep it frozen as LLaVA keeps CLIP frozen.
+need. With `attribute_labels` three more name the cell's shape, colour and size on their own, so
+the features give each shape one direction whatever its colour (CLIP's features are linear in
+such attributes), which look-ups and counts by shape want. The read-outs are thrown away; the
+tower's weights go on into the LLaVA stages, which keep it frozen as LLaVA keeps CLIP frozen.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ class VisionPretrainConfig:
     warmup_steps: int = 20
     seed: int = 0
     position_labels: bool = False  # every patch also names its grid row and column (two more read-outs)
+    # Every patch also names its cell's shape, colour and size on their own (three more read-outs,
+    # each with "empty"): the joint class alone need not give "circle" one direction shared by
+    # all colours, which a look-up or count by shape wants.
+    attribute_labels: bool = False
 
     def __post_init__(self):
         if self.steps < 1 or self.batch < 1 or self.lr <= 0:
@@ -58,6 +64,15 @@ def cell_labels(scene: dict[str, Any], synthetic: SyntheticConfig) -> np.ndarray
             + SIZES.index(o["size"])
         labels[o["row"] * synthetic.grid + o["col"]] = 1 + cls
     return labels
+
+
+def attribute_labels(labels, synthetic: SyntheticConfig) -> dict[str, Any]:
+    """Split `cell_labels` classes into shape, colour and size labels (0 empty, else 1 + index;
+    negative labels stay negative). Works on NumPy and JAX arrays alike."""
+    n_col, n_size = len(synthetic.colors), len(SIZES)
+    cls = labels - 1
+    split = {"shape": cls // (n_col * n_size), "colour": cls // n_size % n_col, "size": cls % n_size}
+    return {name: (labels > 0) * (part + 1) + (labels < 0) * labels for name, part in split.items()}
 
 
 def token_cells(config: ModelConfig, synthetic: SyntheticConfig) -> np.ndarray:
@@ -92,8 +107,9 @@ def pretrain_vision(config: ModelConfig, vision_params: dict, train: tuple[np.nd
                     heldout: tuple[np.ndarray, np.ndarray], cfg: VisionPretrainConfig, synthetic: SyntheticConfig,
                     echo: Callable[[str], None] = print) -> tuple[dict, dict]:
     """Train `vision_params` (the model's `vision` subtree) with a per-token linear read-out of the
-    cell content (`load_split`'s labels), and with `cfg.position_labels` two more of the grid row
-    and column the token lies in.
+    cell content (`load_split`'s labels); with `cfg.position_labels` two more of the grid row
+    and column the token lies in, with `cfg.attribute_labels` three more of the content's shape,
+    colour and size.
     Returns (trained vision params, {"loss": [...], "heldout_token_accuracy": float, ...})."""
     import jax
     import jax.numpy as jnp
@@ -119,6 +135,11 @@ def pretrain_vision(config: ModelConfig, vision_params: dict, train: tuple[np.nd
         place_labels = {"row": np.where(cells >= 0, cells // grid, -1), "col": np.where(cells >= 0, cells % grid, -1)}
         for name, k in zip(place_labels, jax.random.split(jax.random.fold_in(key, 1))):
             params[name] = read_out(k, grid)
+    # Labels that follow from the content label: its shape, colour and size.
+    attribute_classes = {"shape": 1 + len(synthetic.shapes), "colour": 1 + len(synthetic.colors),
+                         "size": 1 + len(SIZES)} if cfg.attribute_labels else {}
+    for name, k in zip(attribute_classes, jax.random.split(jax.random.fold_in(key, 2), 3)):
+        params[name] = read_out(k, attribute_classes[name])
 
     def masked_ce(z, y):
         per = optax.softmax_cross_entropy_with_integer_labels(z, jnp.maximum(y, 0))
@@ -126,12 +147,16 @@ def pretrain_vision(config: ModelConfig, vision_params: dict, train: tuple[np.nd
 
     def logits(p, x):
         feats = vision_features(config, p["vision"], x).astype(jnp.float32)
-        return {name: feats @ p[name]["kernel"] + p[name]["bias"] for name in ("head", *place_labels)}
+        return {name: feats @ p[name]["kernel"] + p[name]["bias"]
+                for name in ("head", *place_labels, *attribute_classes)}
+
+    def all_labels(y):
+        return {"head": y, **{name: jnp.broadcast_to(lab, y.shape) for name, lab in place_labels.items()},
+                **(attribute_labels(y, synthetic) if attribute_classes else {})}
 
     def loss_fn(p, x, y):
         z = logits(p, x)
-        return masked_ce(z["head"], y) + sum(masked_ce(z[name], jnp.broadcast_to(lab, y.shape))
-                                             for name, lab in place_labels.items())
+        return sum(masked_ce(z[name], lab) for name, lab in all_labels(y).items())
 
     # The LLaVA stages' optimizer (AdamW, linear warmup then cosine to 0, clipping at 1).
     tx = make_optimizer(OptimConfig(lr=cfg.lr, schedule="cosine", warmup_steps=cfg.warmup_steps, weight_decay=0.0,
@@ -164,6 +189,9 @@ def pretrain_vision(config: ModelConfig, vision_params: dict, train: tuple[np.nd
     if place_labels:  # both the row and the column named right
         placed = np.all([pred[name] == lab[None] for name, lab in place_labels.items()], axis=0)
         stats["heldout_position_accuracy"] = float(placed[labelled].mean())
+    if attribute_classes:  # shape, colour and size all named right
+        named = np.all([pred[name] == lab for name, lab in attribute_labels(y_eval, synthetic).items()], axis=0)
+        stats["heldout_attribute_accuracy"] = float(named[labelled].mean())
     return jax.device_get(params["vision"]), stats
 
 

@@ -149,6 +149,30 @@ def test_where_questions_follow_from_the_image_and_captions_say_where_groups_lie
         synthetic.SyntheticConfig(vertical_question="middle")
 
 
+def test_caption_shape_counts_start_each_caption_with_the_count_of_every_shape_present():
+    counted = synthetic.SyntheticConfig(grid=4, image_size=56, caption_shape_counts=True)
+    words = {w: n for n, w in enumerate(synthetic.NUMBER_WORDS)}
+    for index in range(60):
+        sample = synthetic.make_sample(2, "train", index, counted)
+        if "scene" not in sample:
+            continue
+        plain = synthetic.caption(sample["scene"], synthetic.SyntheticConfig(grid=4, image_size=56))
+        counts, rest = sample["caption"].split(". ")
+        assert rest == plain  # the caption itself is unchanged; the counts precede it
+        said = {}  # "Two circles, one square and one star" -> {circle: 2, square: 1, star: 1}
+        for number, shape in re.findall(r"(\w+) (\w+?)s?(?=,| and|$)", counts):
+            said[shape] = words[number.lower()]
+        present = {s: sum(o["shape"] == s for o in sample["scene"]["objects"]) for s in counted.shapes}
+        assert said == {s: n for s, n in present.items() if n}, sample["caption"]
+        assert list(said) == [s for s in counted.shapes if s in said]  # in the order of `shapes`
+
+    def obj(shape, color, row, col):
+        return {"shape": shape, "color": color, "row": row, "col": col}
+
+    scene = {"grid": 4, "objects": [obj("square", "blue", 0, 0), obj("circle", "red", 3, 3), obj("square", "green", 1, 2)]}
+    assert synthetic.caption(scene, counted) == "One circle and two squares. A blue square, a green square and a red circle."
+
+
 def test_key_answers_name_the_subject_of_the_same_questions():
     """answer_style="key" asks the same questions of the same scenes; each answer is the question's
     subject, a colon, then the single-word answer."""

@@ -11,6 +11,7 @@ them as on LLaVA-665K.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -63,6 +64,10 @@ class SyntheticConfig:
     # "which": "Which shape is at the top?" (the top-most shape, when one is). "where": "Is the red
     # circle at the top or the bottom?" for each unique (colour, shape), as the left/right question.
     vertical_question: str = "which"
+    # Captions start with the count of each shape present ("Two circles and one square. A red
+    # ..."): counting a shape across colours is practised in every caption, not only in its share
+    # of the questions.
+    caption_shape_counts: bool = False
 
     def __post_init__(self):
         if not 1 <= self.min_objects <= self.max_objects <= self.grid * self.grid:
@@ -229,8 +234,16 @@ def caption(scene: dict[str, Any], config: SyntheticConfig = SyntheticConfig()) 
                                                             config.shapes.index(g[0][1]))))
     parts = [(f"{_a(c)} {s}" if len(m) == 1 else f"{NUMBER_WORDS[len(m)]} {c} {_plural(s)}")
              + (_where(m, scene["grid"]) if config.caption_positions else "") for (c, s), m in groups.items()]
-    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    text = _listing(parts)
+    if config.caption_shape_counts:  # first, so the counts come from the image, not from the caption
+        counts = collections.Counter(o["shape"] for o in scene["objects"])
+        text = _listing([f"{NUMBER_WORDS[counts[s]]} {s if counts[s] == 1 else _plural(s)}"
+                         for s in config.shapes if counts[s]]) + ". " + text[0].upper() + text[1:]
     return text[0].upper() + text[1:] + "."
+
+
+def _listing(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 def _text_only(rng: np.random.Generator) -> list[tuple[str, str]]:
