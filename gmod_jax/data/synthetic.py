@@ -234,12 +234,12 @@ def caption(scene: dict[str, Any], config: SyntheticConfig = SyntheticConfig()) 
                                                             config.shapes.index(g[0][1]))))
     parts = [(f"{_a(c)} {s}" if len(m) == 1 else f"{NUMBER_WORDS[len(m)]} {c} {_plural(s)}")
              + (_where(m, scene["grid"]) if config.caption_positions else "") for (c, s), m in groups.items()]
-    text = _listing(parts)
+    sentences = [_listing(parts)]
     if config.caption_shape_counts:  # first, so the counts come from the image, not from the caption
         counts = collections.Counter(o["shape"] for o in scene["objects"])
-        text = _listing([f"{NUMBER_WORDS[counts[s]]} {s if counts[s] == 1 else _plural(s)}"
-                         for s in config.shapes if counts[s]]) + ". " + text[0].upper() + text[1:]
-    return text[0].upper() + text[1:] + "."
+        sentences.insert(0, _listing([f"{NUMBER_WORDS[counts[s]]} {s if counts[s] == 1 else _plural(s)}"
+                                      for s in config.shapes if counts[s]]))
+    return " ".join(t[0].upper() + t[1:] + "." for t in sentences)
 
 
 def _listing(parts: list[str]) -> str:
