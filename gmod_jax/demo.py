@@ -334,7 +334,8 @@ def train_stage(train_cfg: TrainConfig, workdir: Path, export_dir: Path, tokeniz
     last = records[-1] if records else {}
     return {"steps": result.step, "seconds": time.perf_counter() - t0, "final_loss": last.get("loss"),
             "final_lm_loss": last.get("lm_loss"), "final_router_loss": last.get("router_loss"),
-            "final_train_skip_ratio": last.get("skip_ratio"), "mod_layers": list(result.model.mod_layers)}
+            "final_train_skip_ratio": last.get("skip_ratio"), "mod_layers": list(result.model.mod_layers),
+            "final_train_skip_by_type": {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("skip_ratio/")}}
 
 
 def training_stage(stages: Stages, name: str, train_cfg: TrainConfig, workdir: Path, export_dir: Path,

@@ -52,8 +52,10 @@ def plot_losses(root: Path, path: Path) -> None:
     axes[2].set_title("γ-MoD routing")
     twin = axes[2].twinx()
     curve(twin, runs["mod_ft"], "skip_ratio", color="tab:gray", linestyle="--", label="train skip ratio")
+    for kind, color in (("system", "tab:green"), ("image", "tab:purple")):
+        curve(twin, runs["mod_ft"], f"skip_ratio/{kind}", color=color, linestyle=":", label=f"{kind} tokens skipped")
     twin.set_ylim(0, 1)
-    twin.set_ylabel("skip ratio (all tokens)")
+    twin.set_ylabel("skip ratio")
     for ax in axes:
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
@@ -76,6 +78,13 @@ def _pct(x, digits=1):
 
 def _fmt(x, spec=".2f"):
     return "–" if x is None else format(x, spec)
+
+
+def _train_skip(run: dict) -> str:
+    """Last logged training skip ratio, with the share of each routable token type skipped."""
+    by_type = run.get("final_train_skip_by_type") or {}
+    parts = ", ".join(f"{kind} {_pct(v)}" for kind, v in by_type.items())
+    return _pct(run["final_train_skip_ratio"]) + (f" ({parts})" if parts else "")
 
 
 def write_report(root: Path, cfg, s: dict) -> Path:
@@ -188,7 +197,7 @@ def write_report(root: Path, cfg, s: dict) -> Path:
         r = ft[key]
         add(f"| {label} | QA, vicuna_v1 | {init} | {', '.join(fcfg.optim.trainable)} | {r['steps']} × {fcfg.global_batch} "
             f"| {fcfg.optim.lr:g}, {fcfg.optim.schedule} | {_fmt(r['final_lm_loss'], '.4f')} "
-            f"| {_fmt(r['final_router_loss'], '.4f')} | {_pct(r['final_train_skip_ratio'])} | {st[key]:.0f} s |")
+            f"| {_fmt(r['final_router_loss'], '.4f')} | {_train_skip(r)} | {st[key]:.0f} s |")
     add("")
     add("There is no pretrained CLIP or LLM here. "
         + ("The vision tower is first trained on its own to label the content of the scene cell under each "

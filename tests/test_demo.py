@@ -55,6 +55,10 @@ def test_demo_smoke_end_to_end_and_cache(tmp_path):
     assert ev["dense"]["prefill_skip_ratio"] == 0.0 and ev["mod_ft"]["mod_layers"] == mod_layers
     assert ev["dense"]["n"] == ev["mod_ft"]["n"] == summary["dataset"]["questions"]
     assert 0.0 <= summary["routing"]["routable_skip"] <= 1.0
+    # The γ-MoD fine-tune logs which routable token types it skipped; the report's training table shows it.
+    by_type = summary["finetune"]["mod_ft"]["final_train_skip_by_type"]
+    assert set(by_type) == {"system", "image"} and all(0.0 <= v <= 1.0 for v in by_type.values())
+    assert f"(image {100 * by_type['image']:.1f}%, system {100 * by_type['system']:.1f}%)" in report
     assert summary["speed"]["ms_per_sample_dense"] > 0 and summary["speed"]["ms_per_sample_mod"] > 0
     assert {c["what"].split()[0] for c in summary["criteria"]} >= {"dense", "γ-MoD", "all"}
 

@@ -76,9 +76,10 @@ def test_dense_plan_equals_dense_model(mod_model):
     np.testing.assert_array_equal(out, dense)
 
 
-def _masked_oracle_logits(model, ids, px, mask, types):
+def _masked_oracle(model, ids, px, mask, types):
     """Full-sequence recompute: every token runs every layer, MoD layers keep only the selected
-    tokens' updates, attention restricted to selected tokens, compacted positions."""
+    tokens' updates, attention restricted to selected tokens, compacted positions. Returns the
+    logits and the kept tokens of each routable type per MoD layer [n_mod, R]."""
     cfg, p = model.config, model.params
     module = LlavaModel(cfg)
     x = module.apply({"params": p}, ids, px, method=LlavaModel.embed)
@@ -89,6 +90,7 @@ def _masked_oracle_logits(model, ids, px, mask, types):
                                        max_pos=t.max_position_embeddings)
     dense_mask = llama.causal_mask(jnp.asarray(mask))
     n_skip = routing.skip_counts(types, cfg.mod.routable_types, cfg.mod.routing_ratio)
+    kept_by_type = []
     for i in range(t.num_layers):
         pl = jax.tree.map(lambda a: a[i], layers)
         if i not in cfg.mod.layers:
@@ -101,12 +103,13 @@ def _masked_oracle_logits(model, ids, px, mask, types):
         for b in range(len(ids)):
             order = np.argsort(-prio[b], kind="stable")
             keep[b, order[: ids.shape[1] - n_skip[b]]] = True
+        kept_by_type.append([np.sum(keep & mask & (types == ty)) for ty in cfg.mod.routable_types])
         kpos = np.maximum(np.cumsum(keep & mask, -1) - 1, 0)
         cos, sin = llama.rope_cos_sin(jnp.asarray(kpos), inv, sc)
         att = llama.causal_mask(jnp.asarray(keep & mask)) | jnp.eye(ids.shape[1], dtype=bool)
         y, _ = llama.decoder_layer(cfg, pl, x, cos, sin, att, mlp_scale=jnp.asarray(probs))
         x = jnp.where(jnp.asarray(keep)[..., None], y, x)
-    return np.asarray(module.apply({"params": p}, x, method=lambda m, h: m.llm.logits(h)))
+    return np.asarray(module.apply({"params": p}, x, method=lambda m, h: m.llm.logits(h))), np.asarray(kept_by_type)
 
 
 @pytest.mark.parametrize("impl", ["gather", "onehot"])
@@ -114,10 +117,14 @@ def test_mod_forward_matches_masked_oracle(mod_model, impl):
     ids, px, mask, types = _batch(mod_model.config, seed=3)
     cfg = mod_model.config.replace(mod=dataclasses.replace(mod_model.config.mod, implementation=impl))
     out = gmod_jax.Model(cfg, mod_model.params).forward(ids, px, mask, types, mode="train")
-    oracle = _masked_oracle_logits(mod_model, ids, px, mask, types)
+    oracle, oracle_kept_by_type = _masked_oracle(mod_model, ids, px, mask, types)
     np.testing.assert_allclose(out["logits"][mask], oracle[mask], atol=2e-5, rtol=0)
     # 16 image + 3 system tokens routable, half skipped per MoD layer: floor(0.5 * 19) = 9 of 24 / 22.
     np.testing.assert_allclose(out["skip_ratio_per_layer"], 18 / 46)
+    np.testing.assert_array_equal(out["mod_kept_by_type"], oracle_kept_by_type)
+    routable_per_type = [np.sum(mask & (types == ty)) for ty in cfg.mod.routable_types]
+    np.testing.assert_array_equal(out["mod_tokens_by_type"], [routable_per_type] * len(cfg.mod.layers))
+    assert out["mod_kept_by_type"].sum(axis=1).tolist() == [sum(routable_per_type) - 18] * len(cfg.mod.layers)
 
 
 def _loss_fn(cfg, capacity):
@@ -271,10 +278,47 @@ def test_matches_official_torch_mod_layer():
 
     cap = routing.static_keep_capacity(types, cfg.mod.routable_types, ratio)
     assert cap == math.ceil(t * (1 - ratio * prefix / t))
-    out, loss, kept, _, _ = llama.mod_layer(cfg, p, router.weight.detach().numpy().T, xj, pos, jnp.asarray(mask),
-                                             jnp.asarray(types), RoutingPlan("train", cap), rope)
+    out, loss, counts, _ = llama.mod_layer(cfg, p, router.weight.detach().numpy().T, xj, pos, jnp.asarray(mask),
+                                           jnp.asarray(types), RoutingPlan("train", cap), rope)
     sel = routing.select_topk(routing.router_probs(llama.router_logits(cfg, p, router.weight.detach().numpy().T, xj)),
                               jnp.asarray(types), cfg.mod.routable_types, ratio, cap)
     np.testing.assert_array_equal(np.asarray(sel.indices), ref_idx.numpy())
     np.testing.assert_allclose(np.asarray(out), ref_out.numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(float(loss), float(ref_loss), atol=1e-6)
+    # The per-type counts, from the reference's kept indices: the routable types are (system,
+    # image); here the image is the whole prefix and there is no system prompt.
+    assert cfg.mod.routable_types == (tt.SYSTEM, tt.IMAGE)
+    kept_image = int((ref_idx.numpy() < prefix).sum())
+    assert 0 < kept_image < b * prefix
+    assert int(counts["kept"]) == ref_idx.numel() and int(counts["tokens"]) == b * t
+    np.testing.assert_array_equal(np.asarray(counts["kept_by_type"]), [0, kept_image])
+    np.testing.assert_array_equal(np.asarray(counts["tokens_by_type"]), [0, b * prefix])
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_train_step_reports_skip_ratio_per_token_type(mod_model, accum):
+    """The train step's `skip_ratio/<type>` metrics are the forward's per-type counts (pre-update
+    params), summed over MoD layers and micro-batches."""
+    from gmod_jax import sharding as shd
+    from train import data as data_lib
+    from train import optimizer as opt
+    from train import step as step_lib
+    from train.config import OptimConfig
+
+    ids, px, mask, types = _batch(mod_model.config, seed=5, batch=4)
+    labels = np.where(types == tt.ANSWER, ids, -100).astype(np.int32)
+    out = mod_model.forward(ids, px, mask, types, mode="train")
+    kept, tokens = out["mod_kept_by_type"].sum(0), out["mod_tokens_by_type"].sum(0)
+    assert mod_model.config.mod.routable_types == (tt.SYSTEM, tt.IMAGE) and 0 < kept[1] < tokens[1]
+
+    cfg = OptimConfig(lr=1e-3)
+    spec = step_lib.make_state_spec(mod_model.config, opt.make_optimizer(cfg, 2), opt.make_schedule(cfg, 2), cfg,
+                                    shd.make_mesh(shd.MeshConfig()))
+    batch = {"input_ids": ids, "pixel_values": px, "attention_mask": mask, "token_types": types, "labels": labels}
+    with jax.set_mesh(spec.mesh):
+        # A copy: the init donates its argument, and the fixture's params are shared.
+        state = step_lib.make_opt_init(spec)(jax.tree.map(jnp.array, mod_model.params))
+        capacity = gmod_jax.api.routing_capacity(mod_model.config, types, "train")
+        _, metrics = step_lib.make_train_step(spec, accum, capacity)(state, data_lib.split_micro(batch, accum))
+    for i, name in enumerate(("system", "image")):
+        assert float(metrics[f"skip_ratio/{name}"]) == pytest.approx(1 - kept[i] / tokens[i], abs=1e-6)

@@ -2,7 +2,8 @@
 
 `<workdir>/metrics.jsonl` gets one JSON object per logged step (scalars, and the per-MoD-layer
 skip ratios as a list); `<workdir>/tb/` gets TensorBoard scalars (`skip_ratio/layer_<i>` per
-MoD layer). Other processes write nothing.
+MoD layer; `skip_ratio/<type>` per routable token type comes from the train step under that name).
+Other processes write nothing.
 """
 
 from __future__ import annotations

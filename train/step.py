@@ -24,6 +24,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from gmod_jax import sharding as shd
+from gmod_jax import token_types as tt
 from gmod_jax.config import ModelConfig
 from gmod_jax.models.llama import RoutingPlan
 from gmod_jax.models.llava import LlavaModel
@@ -129,15 +130,20 @@ def make_train_step(spec: StateSpec, accum: int, capacity: int | None):
     model, tx, trainable = spec.model, spec.tx, spec.trainable
     plan = RoutingPlan(mode="train", capacity=capacity)
     n_mod = len(model.mod_layers)
+    routable = model.mod.routable_types if n_mod else ()
+    # The forward's kept / entering token counts per MoD layer (and per routable type); zeros
+    # without MoD layers, and the start of their sum over micro-batches.
+    zero_counts = {"mod_kept": jnp.zeros((n_mod,), jnp.int32), "mod_tokens": jnp.zeros((n_mod,), jnp.int32),
+                   "mod_kept_by_type": jnp.zeros((n_mod, len(routable)), jnp.int32),
+                   "mod_tokens_by_type": jnp.zeros((n_mod, len(routable)), jnp.int32)}
 
     def micro_objective(train_params, params, mb, n_labels):
         out = _forward(model, opt.merge(params, train_params), mb, plan)
         lm_sum, _ = lm_loss_sum(out["logits"], mb["labels"])
         router = out["router_loss"].astype(jnp.float32)
         objective = lm_sum / n_labels + router / accum
-        kept = out.get("mod_kept", jnp.zeros((n_mod,), jnp.int32))
-        entering = out.get("mod_tokens", jnp.zeros((n_mod,), jnp.int32))
-        return objective, (lm_sum, router, kept, entering)
+        counts = {k: out.get(k, zero) for k, zero in zero_counts.items()}
+        return objective, (lm_sum, router, counts)
 
     grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
 
@@ -149,18 +155,18 @@ def make_train_step(spec: StateSpec, accum: int, capacity: int | None):
         if accum == 1:
             mb = jax.tree.map(lambda x: x[0], batch)
             (_, aux), grads = grad_fn(train_params, params, mb, n_labels_f)
-            lm_sum, router, kept, entering = aux
+            lm_sum, router, counts = aux
         else:
             def body(carry, mb):
-                g_acc, lm_acc, r_acc, k_acc, e_acc = carry
-                (_, (lm, r, k, e)), g = grad_fn(train_params, params, mb, n_labels_f)
+                g_acc, lm_acc, r_acc, c_acc = carry
+                (_, (lm, r, c)), g = grad_fn(train_params, params, mb, n_labels_f)
                 g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-                return (g_acc, lm_acc + lm, r_acc + r, k_acc + k, e_acc + e), None
+                return (g_acc, lm_acc + lm, r_acc + r, jax.tree.map(jnp.add, c_acc, c)), None
 
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), train_params)
             init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-                    jnp.zeros((n_mod,), jnp.int32), jnp.zeros((n_mod,), jnp.int32))
-            (grads, lm_sum, router_sum, kept, entering), _ = jax.lax.scan(body, init, batch)
+                    zero_counts)
+            (grads, lm_sum, router_sum, counts), _ = jax.lax.scan(body, init, batch)
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, train_params)
             router = router_sum / accum
         grad_norm = optax.global_norm(grads)
@@ -174,8 +180,14 @@ def make_train_step(spec: StateSpec, accum: int, capacity: int | None):
             "tokens": jnp.sum(batch["attention_mask"].astype(jnp.int32)), "label_tokens": n_labels,
         }
         if n_mod:
+            kept, entering = counts["mod_kept"], counts["mod_tokens"]
             metrics["skip_ratio_per_layer"] = 1.0 - kept.astype(jnp.float32) / jnp.maximum(entering, 1)
             metrics["skip_ratio"] = 1.0 - jnp.sum(kept) / jnp.maximum(jnp.sum(entering), 1)
+            # Which kind of token the router drops (over all MoD layers): whether it settles on
+            # image or on system-prompt tokens shows in the first steps.
+            kept_t, entering_t = (jnp.sum(counts[k], axis=0) for k in ("mod_kept_by_type", "mod_tokens_by_type"))
+            for i, t in enumerate(routable):
+                metrics[f"skip_ratio/{tt.NAMES[t]}"] = 1.0 - kept_t[i] / jnp.maximum(entering_t[i], 1)
         return new_state, metrics
 
     repl = shd.replicated(spec.mesh)

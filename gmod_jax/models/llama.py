@@ -128,7 +128,8 @@ class LlamaDecoder(nn.Module):
         """Run the decoder stack. Returns (hidden [B,T,D], aux dict).
 
         aux: `router_loss` (scalar, coefficient applied), `mod_kept` / `mod_tokens` [n_mod]
-        (kept and entering non-pad tokens per MoD layer), and `attn_summary` [L, ...] when
+        (kept and entering non-pad tokens per MoD layer), `mod_kept_by_type` /
+        `mod_tokens_by_type` [n_mod, R] (the same per routable token type), and `attn_summary` [L, ...] when
         `attn_probs_fn` is given (applied to each layer's post-softmax attention [B,H,T,T]).
         """
         return decoder_forward(self.config, self.layers, self.mod_router["kernel"] if self.config.mod.enabled else None,
@@ -205,7 +206,9 @@ def mod_layer(config: ModelConfig, p, router_kernel, x, positions, attention_mas
               plan: RoutingPlan, rope, return_probs=False):
     """γ-MoD layer: route, run attention+MLP on kept tokens only, scatter back.
 
-    Returns (new x, router loss of this layer, kept count, entering count, probs or None).
+    Returns (new x, router loss of this layer, counts, probs or None); counts: `kept` and
+    `tokens` (kept and entering non-pad tokens), `kept_by_type` and `tokens_by_type` (the same
+    per routable token type, in `mod.routable_types` order).
     """
     mod = config.mod
     logits = router_logits(config, p, router_kernel, x)
@@ -223,13 +226,17 @@ def mod_layer(config: ModelConfig, p, router_kernel, x, positions, attention_mas
     r_kept = routing.gather_mask(probs, sel)
     y_kept, attn_probs = decoder_layer(config, p, x_kept, cos, sin, mask, mlp_scale=r_kept, return_probs=return_probs)
     x_new = routing.scatter_tokens(x, y_kept, sel, impl)
-    valid_tokens = attention_mask.astype(jnp.int32)
-    kept = jnp.sum(sel.selected.astype(jnp.int32) * valid_tokens)
+    valid = attention_mask.astype(bool)
+    of_type = jnp.stack([valid & (token_types == t) for t in mod.routable_types])  # [R, B, T]
+    counts = {"kept": jnp.sum(sel.selected & valid, dtype=jnp.int32),
+              "tokens": jnp.sum(valid, dtype=jnp.int32),
+              "kept_by_type": jnp.sum(of_type & sel.selected, axis=(1, 2), dtype=jnp.int32),
+              "tokens_by_type": jnp.sum(of_type, axis=(1, 2), dtype=jnp.int32)}
     if plan.mode == "train":
         loss = routing.router_loss(logits, sel.selected, attention_mask, mod.loss_token_reduction)
     else:
         loss = jnp.zeros((), jnp.float32)
-    return x_new, loss, kept, jnp.sum(valid_tokens), attn_probs
+    return x_new, loss, counts, attn_probs
 
 
 def rope_builder(config: ModelConfig, dense_positions):
@@ -273,7 +280,7 @@ def decoder_forward(config: ModelConfig, layers, router, embeds, attention_mask,
     mod_index = {layer: i for i, layer in enumerate(config.mod.layers)}
 
     x = embeds
-    losses, kept, entering, summaries = [], [], [], []
+    losses, counts, summaries = [], [], []
     for start, stop, is_mod in groups:
         group_xs, fetch = layer_group(layers, start, stop, by_index=plan.mode != "train")
         if not is_mod:
@@ -292,20 +299,22 @@ def decoder_forward(config: ModelConfig, layers, router, embeds, attention_mask,
         def mod_step(h, xs, fetch=fetch):
             p, r = xs
             kernel = router if r is None else r
-            h, loss, k, n, probs = mod_layer(config, fetch(p), kernel, h, positions, attention_mask, token_types,
-                                             plan, rope, return_probs=want_probs)
-            return h, (loss, k, n, attn_probs_fn(probs) if want_probs else None)
+            h, loss, c, probs = mod_layer(config, fetch(p), kernel, h, positions, attention_mask, token_types,
+                                          plan, rope, return_probs=want_probs)
+            return h, (loss, c, attn_probs_fn(probs) if want_probs else None)
 
-        x, (loss, k, n, ys) = _scan(_remat(mod_step, config.remat), x, (group_xs, routers), config.scan_layers)
-        losses.append(loss), kept.append(k), entering.append(n), summaries.append(ys)
+        x, (loss, c, ys) = _scan(_remat(mod_step, config.remat), x, (group_xs, routers), config.scan_layers)
+        losses.append(loss), counts.append(c), summaries.append(ys)
 
     aux = {}
     if losses:
         per_layer = jnp.concatenate(losses)
         reduce = jnp.sum if config.mod.loss_layer_reduction == "sum" else jnp.mean
         aux["router_loss"] = config.mod.router_aux_loss_coef * reduce(per_layer)
-        aux["mod_kept"] = jnp.concatenate(kept)
-        aux["mod_tokens"] = jnp.concatenate(entering)
+        per_layer_counts = jax.tree.map(lambda *a: jnp.concatenate(a), *counts)
+        aux["mod_kept"], aux["mod_tokens"] = per_layer_counts["kept"], per_layer_counts["tokens"]
+        aux["mod_kept_by_type"] = per_layer_counts["kept_by_type"]
+        aux["mod_tokens_by_type"] = per_layer_counts["tokens_by_type"]
     else:
         aux["router_loss"] = jnp.zeros((), jnp.float32)
     if want_probs:

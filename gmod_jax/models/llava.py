@@ -40,7 +40,8 @@ class LlavaModel(nn.Module):
     """`apply({'params': p}, input_ids, pixel_values, attention_mask, token_types, plan)`.
 
     Returns a dict: `logits` float32 [B,T,V], `router_loss`, and for γ-MoD `mod_kept` /
-    `mod_tokens` per MoD layer (see `LlamaDecoder.__call__`).
+    `mod_tokens` per MoD layer and `mod_kept_by_type` / `mod_tokens_by_type` per MoD layer and
+    routable token type (see `LlamaDecoder.__call__`).
     """
 
     config: ModelConfig
