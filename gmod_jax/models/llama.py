@@ -312,9 +312,7 @@ def decoder_forward(config: ModelConfig, layers, router, embeds, attention_mask,
         reduce = jnp.sum if config.mod.loss_layer_reduction == "sum" else jnp.mean
         aux["router_loss"] = config.mod.router_aux_loss_coef * reduce(per_layer)
         per_layer_counts = jax.tree.map(lambda *a: jnp.concatenate(a), *counts)
-        aux["mod_kept"], aux["mod_tokens"] = per_layer_counts["kept"], per_layer_counts["tokens"]
-        aux["mod_kept_by_type"] = per_layer_counts["kept_by_type"]
-        aux["mod_tokens_by_type"] = per_layer_counts["tokens_by_type"]
+        aux.update({f"mod_{name}": v for name, v in per_layer_counts.items()})
     else:
         aux["router_loss"] = jnp.zeros((), jnp.float32)
     if want_probs:
