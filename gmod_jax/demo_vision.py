@@ -182,16 +182,19 @@ def pretrain_vision(config: ModelConfig, vision_params: dict, train: tuple[np.nd
     chunks = [jax.device_get(predict(params, x_eval[s:s + 256])) for s in range(0, len(x_eval), 256)]
     pred = {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
     labelled = y_eval >= 0
-    right = pred["head"] == y_eval
+    truth = {name: np.asarray(lab) for name, lab in all_labels(y_eval).items()}  # the training targets
+
+    def all_right(names):  # per token: every read-out in `names` right
+        return np.all([pred[name] == truth[name] for name in names], axis=0)
+
+    right = all_right(["head"])
     stats = {"loss": losses, "heldout_token_accuracy": float(right[labelled].mean()),
              "heldout_image_accuracy": float((right | ~labelled).all(axis=1).mean()),
              "seconds": time.perf_counter() - t0, "steps": cfg.steps, "batch": cfg.batch}
     if place_labels:  # both the row and the column named right
-        placed = np.all([pred[name] == lab[None] for name, lab in place_labels.items()], axis=0)
-        stats["heldout_position_accuracy"] = float(placed[labelled].mean())
+        stats["heldout_position_accuracy"] = float(all_right(place_labels)[labelled].mean())
     if attribute_classes:  # shape, colour and size all named right
-        named = np.all([pred[name] == lab for name, lab in attribute_labels(y_eval, synthetic).items()], axis=0)
-        stats["heldout_attribute_accuracy"] = float(named[labelled].mean())
+        stats["heldout_attribute_accuracy"] = float(all_right(attribute_classes)[labelled].mean())
     return jax.device_get(params["vision"]), stats
 
 
