@@ -4,6 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
+# XLA's CPU runtime allocates each call's temporaries afresh, and glibc maps large blocks with
+# 4 KiB pages: a demo train step touched ~435 MB of new pages (111k page faults, a fifth of its
+# time). With this tunable glibc asks the kernel for transparent huge pages on those mappings
+# (where THP is "madvise" or "always"; otherwise nothing changes). Same numbers, faster steps.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
