@@ -59,3 +59,33 @@ def test_probabilities_and_short_inputs_take_the_plain_path():
     mask = A.causal_mask(jnp.ones((2, A.CAUSAL_BLOCK_ROWS), bool))
     np.testing.assert_array_equal(np.asarray(A.causal_attention(q, k, v, mask, scale=0.3)[0]),
                                   np.asarray(A.dot_product_attention(q, k, v, mask, scale=0.3)[0]))
+
+
+@pytest.mark.parametrize("eqn, x_shape, k_shape, out_dims", [
+    ("btd,dhk->bthk", (2, 5, 8), (8, 3, 4), (3, 4)),  # q/k/v
+    ("bthk,hkd->btd", (2, 5, 3, 4), (3, 4, 8), (8,)),  # attention output
+    ("btd,df->btf", (2, 5, 8), (8, 6), (6,)),  # MLP, lm head
+    ("bnd,de->bne", (3, 7, 8), (8, 6), (6,)),  # projector
+])
+def test_project_matches_einsum_with_gradients(eqn, x_shape, k_shape, out_dims):
+    """`project` flattens to one 2-D matmul (faster backward on CPU); values and gradients must
+    stay the einsum's."""
+    kx, kk, kb = jax.random.split(jax.random.key(1), 3)
+    x, kernel, bias = (jax.random.normal(k, s) for k, s in ((kx, x_shape), (kk, k_shape), (kb, out_dims)))
+
+    def ours(x, kernel):
+        return A.project(x, {"kernel": kernel, "bias": bias}, eqn, jnp.float32)
+
+    def einsum(x, kernel):
+        return jnp.einsum(eqn, x, kernel) + bias
+
+    np.testing.assert_allclose(np.asarray(ours(x, kernel)), np.asarray(einsum(x, kernel)), rtol=1e-5, atol=1e-5)
+    grads = [jax.grad(lambda x, k, f=f: jnp.sum(jnp.sin(f(x, k))), argnums=(0, 1))(x, kernel) for f in (ours, einsum)]
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("eqn", ["btd,fd->btf", "bdt,df->btf", "btd,df->bft"])
+def test_project_rejects_other_contractions(eqn):
+    with pytest.raises(ValueError, match="trailing-into-leading"):
+        A.project(jnp.ones((2, 3, 3)), {"kernel": jnp.ones((3, 3))}, eqn, jnp.float32)

@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
 def project(x, p, eqn: str, dtype):
-    """Einsum projection with an optional bias (`p` holds `kernel` and maybe `bias`)."""
-    y = jnp.einsum(eqn, x.astype(dtype), p["kernel"].astype(dtype))
+    """Projection `eqn` (e.g. "btd,dhk->bthk") with an optional bias (`p` holds `kernel` and
+    maybe `bias`). `eqn` must contract the trailing dims of x with the leading dims of the kernel
+    and keep the rest in order; every projection of the models does."""
+    xs, rest = eqn.split(",")
+    ks, out = rest.split("->")
+    n = len(set(xs) & set(ks))
+    if not (n and xs[-n:] == ks[:n] and out == xs[:-n] + ks[n:] and len(xs) == x.ndim):
+        raise ValueError(f"project needs trailing-into-leading contraction, got {eqn!r} for x {x.shape}")
+    y = contract(x.astype(dtype), p["kernel"].astype(dtype), n)
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
     return y
+
+
+def contract(x, kernel, n: int):
+    """x [..., *K] with kernel [*K, *F] -> [..., *F], summing the n trailing dims of x against
+    the n leading dims of the kernel, as one 2-D matmul. Same sums as the einsum, but XLA's CPU
+    backend differentiates a 3-D einsum such as "btd,df->btf" into a weight gradient that
+    contracts two dims (b, t) and transposes the activations for it; flattened, the training
+    step of `configs/bench_cpu.py` (batch 2 x 640 tokens) takes 10.6 s instead of 12.9 s."""
+    lead, k_shape, f_shape = x.shape[:x.ndim - n], kernel.shape[:n], kernel.shape[n:]
+    y = x.reshape(-1, math.prod(k_shape)) @ kernel.reshape(math.prod(k_shape), -1)
+    return y.reshape(*lead, *f_shape)
 
 
 def dot_product_attention(q, k, v, mask, *, scale: float, return_probs: bool = False):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from gmod_jax import routing
 from gmod_jax.config import ModelConfig
 from gmod_jax.layers.dtypes import DTYPES
-from gmod_jax.layers.attention import causal_attention, causal_mask, project
+from gmod_jax.layers.attention import causal_attention, causal_mask, contract, project
 from gmod_jax.layers.mlp import swiglu
 from gmod_jax.layers.norms import rms_norm
 from gmod_jax.layers.rope import apply_rope, inv_freq_and_scale, rope_cos_sin
@@ -118,9 +118,9 @@ class LlamaDecoder(nn.Module):
         h = rms_norm(hidden, self.final_norm["scale"], t.rms_norm_eps)
         dtype = DTYPES[self.config.dtype]
         if t.tie_word_embeddings:
-            out = jnp.einsum("btd,vd->btv", h.astype(dtype), self.embed.astype(dtype))
+            out = contract(h.astype(dtype), self.embed.T.astype(dtype), 1)
         else:
-            out = jnp.einsum("btd,dv->btv", h.astype(dtype), self.lm_head["kernel"].astype(dtype))
+            out = contract(h.astype(dtype), self.lm_head["kernel"].astype(dtype), 1)
         return out.astype(jnp.float32)
 
     def __call__(self, embeds, attention_mask, token_types, plan: RoutingPlan = RoutingPlan(),
