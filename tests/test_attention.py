@@ -1,4 +1,5 @@
-"""Block-causal attention (`causal_attention`) == plain masked attention on causal masks."""
+"""Block-causal attention (`causal_attention`) == plain masked attention on causal masks; the
+flattened projections (`project`) == their einsums."""
 
 from __future__ import annotations
 
