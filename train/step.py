@@ -164,8 +164,7 @@ def make_train_step(spec: StateSpec, accum: int, capacity: int | None):
                 return (g_acc, lm_acc + lm, r_acc + r, jax.tree.map(jnp.add, c_acc, c)), None
 
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), train_params)
-            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-                    zero_counts)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zero_counts)
             (grads, lm_sum, router_sum, counts), _ = jax.lax.scan(body, init, batch)
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, train_params)
             router = router_sum / accum

@@ -129,8 +129,9 @@ class LlamaDecoder(nn.Module):
 
         aux: `router_loss` (scalar, coefficient applied), `mod_kept` / `mod_tokens` [n_mod]
         (kept and entering non-pad tokens per MoD layer), `mod_kept_by_type` /
-        `mod_tokens_by_type` [n_mod, R] (the same per routable token type), and `attn_summary` [L, ...] when
-        `attn_probs_fn` is given (applied to each layer's post-softmax attention [B,H,T,T]).
+        `mod_tokens_by_type` [n_mod, R] (the same per routable token type), and `attn_summary`
+        [L, ...] when `attn_probs_fn` is given (applied to each layer's post-softmax attention
+        [B,H,T,T]).
         """
         return decoder_forward(self.config, self.layers, self.mod_router["kernel"] if self.config.mod.enabled else None,
                                embeds, attention_mask, token_types, plan, attn_probs_fn)
