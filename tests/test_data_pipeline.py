@@ -196,6 +196,19 @@ def test_key_answers_name_the_subject_of_the_same_questions():
         synthetic.SyntheticConfig(answer_style="sentence")
 
 
+def test_min_turns_fills_conversations_and_keeps_the_default_stream():
+    """min_turns=max_turns gives (nearly) every image that many turns; the default min_turns=1
+    still draws 1 to max_turns."""
+    full = synthetic.SyntheticConfig(grid=4, min_turns=3, max_turns=3, text_only_fraction=0.0)
+    turns = [len(synthetic.make_sample(2, "train", i, full)["conversations"]) // 2 for i in range(60)]
+    assert turns.count(3) >= 48 and min(turns) >= 2  # a turn is lost when its kind has no question left
+    default = synthetic.SyntheticConfig(grid=4, text_only_fraction=0.0)
+    assert {len(synthetic.make_sample(2, "train", i, default)["conversations"]) // 2 for i in range(60)} == {1, 2, 3}
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="min_turns"):
+            synthetic.SyntheticConfig(min_turns=bad, max_turns=3)
+
+
 # ---------------------------------------------------------------------------------------------
 # Grain pipeline
 

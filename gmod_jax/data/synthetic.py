@@ -49,6 +49,9 @@ class SyntheticConfig:
     shapes: tuple[str, ...] = SHAPES
     colors: tuple[str, ...] = tuple(COLORS)
     max_turns: int = 3  # question-answer turns per image
+    # At least this many turns drawn (a turn whose kind has no question left is dropped): batches
+    # pad to a fixed length, so a conversation of fewer turns leaves its padding unused.
+    min_turns: int = 1
     text_only_fraction: float = 0.05
     question_suffix: str = ""  # e.g. "\nAnswer the question using a single word or phrase."
     # Caption group order: "reading" (by each group's first shape, rows then columns) or "colour"
@@ -72,6 +75,8 @@ class SyntheticConfig:
     def __post_init__(self):
         if not 1 <= self.min_objects <= self.max_objects <= self.grid * self.grid:
             raise ValueError("need 1 <= min_objects <= max_objects <= grid*grid")
+        if not 1 <= self.min_turns <= self.max_turns:
+            raise ValueError(f"need 1 <= min_turns <= max_turns, got {self.min_turns}, {self.max_turns}")
         if self.max_objects > len(NUMBER_WORDS) - 1:
             raise ValueError("max_objects too large for number words")
         unknown = [c for c in self.colors if c not in COLORS] + [s for s in self.shapes if s not in SHAPES]
@@ -213,7 +218,7 @@ def _questions(scene: dict[str, Any], rng: np.random.Generator, config: Syntheti
 
     available = [k for k in sorted(kinds) if kinds[k]]
     chosen: list[tuple[str, str]] = []
-    turns = int(rng.integers(1, config.max_turns + 1))
+    turns = int(rng.integers(config.min_turns, config.max_turns + 1))
     for _ in range(turns):
         kind = available[int(rng.integers(len(available)))]
         options = [qa for qa in kinds[kind] if qa not in chosen]
