@@ -196,7 +196,7 @@ def test_key_answers_name_the_subject_of_the_same_questions():
         synthetic.SyntheticConfig(answer_style="sentence")
 
 
-def test_min_turns_fills_conversations_and_keeps_the_default_stream():
+def test_min_turns_sets_the_fewest_question_turns_per_image():
     """min_turns=max_turns gives (nearly) every image that many turns; the default min_turns=1
     still draws 1 to max_turns."""
     full = synthetic.SyntheticConfig(grid=4, min_turns=3, max_turns=3, text_only_fraction=0.0)
