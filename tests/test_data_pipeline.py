@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -115,6 +116,10 @@ def test_synthetic_answers_follow_from_the_image(syn):
     assert synthetic.caption(scene) == "A red circle and two blue squares."
     by_colour = synthetic.SyntheticConfig(colors=("blue", "red"), shapes=("square", "circle"), caption_order="colour")
     assert synthetic.caption(scene, by_colour) == "Two blue squares and a red circle."
+    scene["objects"].append({"shape": "circle", "color": "blue", "row": 3, "col": 3})
+    assert synthetic.caption(scene, by_colour) == "Two blue squares, a blue circle and a red circle."
+    by_shape = dataclasses.replace(by_colour, caption_order="shape", shapes=("circle", "square"))
+    assert synthetic.caption(scene, by_shape) == "A blue circle, a red circle and two blue squares."
     with pytest.raises(ValueError, match="caption_order"):
         synthetic.SyntheticConfig(caption_order="size")
 

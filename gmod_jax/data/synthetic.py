@@ -54,8 +54,10 @@ class SyntheticConfig:
     min_turns: int = 1
     text_only_fraction: float = 0.05
     question_suffix: str = ""  # e.g. "\nAnswer the question using a single word or phrase."
-    # Caption group order: "reading" (by each group's first shape, rows then columns) or "colour"
-    # (by colour, then shape, in the order of `colors` / `shapes`).
+    # Caption group order: "reading" (by each group's first shape, rows then columns), "colour"
+    # (by colour, then shape, in the order of `colors` / `shapes`) or "shape" (by shape, then
+    # colour). Writing a caption in colour (shape) order means finding the image tokens of one
+    # colour (shape) at a time: the look-up the caption stage practises.
     caption_order: str = "reading"
     # "word": single-word answers ("yes"). "key": the answer first names what the question is
     # about ("red circle: yes", "circles: two", "top: square"), so the answer word is predicted
@@ -84,8 +86,8 @@ class SyntheticConfig:
             raise ValueError(f"unknown colours/shapes {unknown}")
         if self.image_size < 8 * self.grid:
             raise ValueError("image_size too small for the grid")
-        if self.caption_order not in ("reading", "colour"):
-            raise ValueError(f"caption_order must be 'reading' or 'colour', got {self.caption_order!r}")
+        if self.caption_order not in ("reading", "colour", "shape"):
+            raise ValueError(f"caption_order must be 'reading', 'colour' or 'shape', got {self.caption_order!r}")
         if self.answer_style not in ("word", "key"):
             raise ValueError(f"answer_style must be 'word' or 'key', got {self.answer_style!r}")
         if self.vertical_question not in ("which", "where"):
@@ -229,14 +231,17 @@ def _questions(scene: dict[str, Any], rng: np.random.Generator, config: Syntheti
 
 def caption(scene: dict[str, Any], config: SyntheticConfig = SyntheticConfig()) -> str:
     """"A red circle and two blue squares.": groups of equal colour and shape, in reading order of
-    their first member, or by colour then shape (`config.caption_order`); with
+    their first member, by colour then shape or by shape then colour (`config.caption_order`); with
     `config.caption_positions` each group also says where it lies when its members agree."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for o in sorted(scene["objects"], key=lambda o: (o["row"], o["col"])):
         groups.setdefault((o["color"], o["shape"]), []).append(o)
-    if config.caption_order == "colour":
-        groups = dict(sorted(groups.items(), key=lambda g: (config.colors.index(g[0][0]),
-                                                            config.shapes.index(g[0][1]))))
+    if config.caption_order != "reading":
+        def rank(group: tuple[str, str]) -> tuple[int, int]:
+            colour, shape = config.colors.index(group[0]), config.shapes.index(group[1])
+            return (colour, shape) if config.caption_order == "colour" else (shape, colour)
+
+        groups = dict(sorted(groups.items(), key=lambda g: rank(g[0])))
     parts = [(f"{_a(c)} {s}" if len(m) == 1 else f"{NUMBER_WORDS[len(m)]} {c} {_plural(s)}")
              + (_where(m, scene["grid"]) if config.caption_positions else "") for (c, s), m in groups.items()]
     sentences = [_listing(parts)]
