@@ -35,6 +35,7 @@ LLAMA_DEFAULTS: dict[str, Any] = {
     "attention_bias": False,
     "mlp_bias": False,
     "tie_word_embeddings": False,
+    "initializer_range": 0.02,
     "pad_token_id": None,
     "bos_token_id": 1,
     "eos_token_id": 2,
@@ -166,6 +167,7 @@ def llama_config(text: dict, where: str, nested: bool = True) -> LlamaConfig:
             mlp_bias=bool(t["mlp_bias"]),
             tie_word_embeddings=bool(t["tie_word_embeddings"]),
             hidden_act=t["hidden_act"],
+            initializer_range=float(t["initializer_range"]),
         )
     except (ValueError, TypeError) as e:
         raise ConversionError(f"{where}: invalid text config: {e}") from e
@@ -371,6 +373,7 @@ def _llama_dict(t: LlamaConfig, extras: dict) -> dict:
         "attention_bias": t.attention_bias,
         "mlp_bias": t.mlp_bias,
         "tie_word_embeddings": t.tie_word_embeddings,
+        "initializer_range": t.initializer_range,
         "bos_token_id": extras.get("bos_token_id", LLAMA_DEFAULTS["bos_token_id"]),
         "eos_token_id": extras.get("eos_token_id", LLAMA_DEFAULTS["eos_token_id"]),
     }

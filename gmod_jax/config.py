@@ -105,6 +105,7 @@ class LlamaConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
+    initializer_range: float = 0.02  # std of the normal init of every weight matrix (from scratch)
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
@@ -115,6 +116,8 @@ class LlamaConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} not divisible by num_kv_heads {self.num_kv_heads}")
+        if not self.initializer_range > 0:
+            raise ValueError(f"initializer_range must be > 0, got {self.initializer_range}")
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:

@@ -145,6 +145,7 @@ def test_v4_diff_config_fills_transformers_defaults(base, reference):
     bare = hf_config.hf_llava_config({"model_type": "llava", "text_config": {"model_type": "llama"}}).model
     assert (bare.vision.hidden_size, bare.vision.num_layers, bare.vision.image_size) == (1024, 24, 336)
     assert bare.text.rms_norm_eps == 1e-6 and bare.image_token_index == 32000
+    assert bare.text.initializer_range == 0.02  # LlamaConfig's default init std
     assert hf_config.hf_llava_config({"model_type": "llava", "image_token_id": 7}).model.image_token_index == 7
 
 
@@ -179,7 +180,9 @@ def test_round_trip_hf_flax_hf_is_exact(tmp_path, spec_name, dtype):
     sd = fx.to_dtype(fx.state_dict_c(model), getattr(torch, dtype))
     src = tmp_path / "src"
     fx.write_weights(fx.rename(sd, "D"), src, "safetensors", shards=3)
-    fx.write_json(src / "config.json", fx.config_v5(spec))
+    config = fx.config_v5(spec)
+    config["text_config"]["initializer_range"] = 0.031  # not the default: the value must travel both ways
+    fx.write_json(src / "config.json", config)
     fx.write_tokenizer_files(src)
     assert convert_main(["--src", str(src), "--out", str(tmp_path / "flax"), "--json"]) == 0
     assert to_hf_main(["--src", str(tmp_path / "flax"), "--out", str(tmp_path / "hf"),
@@ -196,6 +199,7 @@ def test_round_trip_hf_flax_hf_is_exact(tmp_path, spec_name, dtype):
         assert other.dtype == value.dtype and other.shape == value.shape, key
         assert np.array_equal(other.view(np.uint8), value.view(np.uint8)), key
     assert (tmp_path / "hf" / "chat_template.jinja").is_file()
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["text_config"]["initializer_range"] == 0.031
 
     loaded, info = LlavaForConditionalGeneration.from_pretrained(
         tmp_path / "hf", output_loading_info=True, attn_implementation="eager")

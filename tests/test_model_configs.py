@@ -59,6 +59,22 @@ def test_placements_and_validation():
         C.MoDConfig(routing_ratio=1.0)
     with pytest.raises(ValueError, match="num_kv_heads"):
         C.LlamaConfig(num_heads=32, num_kv_heads=5)
+    with pytest.raises(ValueError, match="initializer_range"):
+        C.LlamaConfig(initializer_range=0.0)
+
+
+@pytest.mark.parametrize("std", [0.02, 0.05])
+def test_llm_weights_start_at_initializer_range(std):
+    text = C.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
+                         num_kv_heads=4, initializer_range=std)
+    vision = C.VisionConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, image_size=28,
+                            patch_size=14)
+    cfg = C.ModelConfig(vision=vision, text=text)
+    params = LlavaModel(cfg).init(jax.random.key(0), method=LlavaModel.declare_params)["params"]["llm"]
+    for name, kernel in (("embed", params["embed"]), ("q", params["layers"]["attn"]["q"]["kernel"]),
+                         ("down", params["layers"]["mlp"]["down"]["kernel"]), ("lm_head", params["lm_head"]["kernel"])):
+        assert np.std(np.asarray(kernel)) == pytest.approx(std, rel=0.03), name
+    assert np.all(np.asarray(params["layers"]["attn_norm"]["scale"]) == 1.0)
 
 
 def test_config_json_round_trip():

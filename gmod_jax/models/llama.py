@@ -79,7 +79,7 @@ class LlamaDecoder(nn.Module):
         c, t = self.config, self.config.text
         pdt = DTYPES[c.param_dtype]
         L, D, F, H, KV, hd = t.num_layers, t.hidden_size, t.intermediate_size, t.num_heads, t.num_kv_heads, t.head_dim
-        normal = nn.initializers.normal(0.02)
+        normal = nn.initializers.normal(t.initializer_range)
         ones, zeros = nn.initializers.ones, nn.initializers.zeros
 
         # Declared as one param per subtree so the tree matches docs/param_layout.md exactly.
