@@ -1,6 +1,7 @@
 """Full-size configs build abstractly (no weights) with the right parameter counts, and the
 config helpers reject bad values."""
 
+import dataclasses
 import math
 
 import jax
@@ -65,12 +66,10 @@ def test_placements_and_validation():
 
 @pytest.mark.parametrize("std", [0.02, 0.05])
 def test_llm_weights_start_at_initializer_range(std):
-    text = C.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
-                         num_kv_heads=4, initializer_range=std)
-    vision = C.VisionConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, image_size=28,
-                            patch_size=14)
-    cfg = C.ModelConfig(vision=vision, text=text)
-    params = LlavaModel(cfg).init(jax.random.key(0), method=LlavaModel.declare_params)["params"]["llm"]
+    import gmod_jax
+
+    cfg = C.tiny(text=dataclasses.replace(C.tiny().text, initializer_range=std))
+    params = gmod_jax.init_random(cfg).params["llm"]
     for name, kernel in (("embed", params["embed"]), ("q", params["layers"]["attn"]["q"]["kernel"]),
                          ("down", params["layers"]["mlp"]["down"]["kernel"]), ("lm_head", params["lm_head"]["kernel"])):
         assert np.std(np.asarray(kernel)) == pytest.approx(std, rel=0.03), name
