@@ -10,7 +10,7 @@ Used by tests/test_demo.py (end to end in well under a minute on 2 CPU cores).
 from gmod_jax import config as C
 from gmod_jax.data.synthetic import SyntheticConfig
 from gmod_jax.demo import DemoConfig
-from gmod_jax.demo_vision import VisionPretrainConfig
+from gmod_jax.demo.vision import VisionPretrainConfig
 from train.config import DataConfig, OptimConfig, TrainConfig
 
 

@@ -144,7 +144,7 @@ def main(argv=None) -> dict:
         result["ok"] = result["peak_rss_gb"] <= result["largest_shard_gb"] + HEADROOM_GB
         print(json.dumps(result, indent=2))
         if args.markdown:
-            from gmod_jax.bench import update_markdown
+            from gmod_jax.benchmarks_md import update_markdown
 
             update_markdown(args.markdown, "convert-memory", markdown_section(result))
         return result

@@ -18,7 +18,7 @@ import numpy as np
 
 from convert import hf_config, keymap
 from convert.errors import ConversionError
-from convert.orbax_io import CheckpointWriter, nest
+from gmod_jax.checkpoint import CheckpointWriter, nest
 from convert.readers import CheckpointReader
 from gmod_jax.config import ModelConfig
 
@@ -103,7 +103,7 @@ def _assign(dst: np.ndarray, src: np.ndarray, key: str):
     """dst[...] = src (a transposed/reshaped view), casting first if needed.
 
     The copy goes through same-size unsigned-int views: numpy has no fast strided copy for
-    ml_dtypes' bfloat16 (measured 90 MB/s for a transposed bf16 matrix vs GB/s as uint16).
+    ml_dtypes' bfloat16, while one of the same-size unsigned ints is fast (docs/benchmarks.md).
     """
     if dst.shape != src.shape:  # build_plan checked shapes; this guards the transforms themselves
         raise ConversionError(f"{key}: transformed shape {src.shape} != destination {dst.shape}")

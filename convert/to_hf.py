@@ -25,7 +25,7 @@ import numpy as np
 
 from convert import hf_config, keymap
 from convert.errors import ConversionError
-from convert.orbax_io import copy_tokenizer_files, flatten, load_checkpoint
+from gmod_jax.checkpoint import copy_tokenizer_files, flatten, load_checkpoint
 from convert.readers import write_sharded_safetensors
 from gmod_jax.config import ModelConfig
 
@@ -34,6 +34,9 @@ FORMATS = ("hf", "gamma_mod")
 
 def torch_tensors(config: ModelConfig, params: dict, layout: str) -> Iterator[tuple[str, np.ndarray]]:
     """(on-disk key, PyTorch-layout array) for every tensor of `params`, in HF module order."""
+    if config.mod.enabled and not config.mod.shared_router:
+        raise ConversionError("per-layer γ-MoD routers (mod.shared_router false) have no PyTorch layout: the "
+                              "official code stores one router shared by every MoD layer")
     flat = flatten(params)
     expected = keymap.expected_keys(config)
     wanted = {t.path for t in expected.values()}

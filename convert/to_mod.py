@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from convert.errors import ConversionError
-from convert.orbax_io import load_checkpoint, save_checkpoint
+from gmod_jax.checkpoint import load_checkpoint, save_checkpoint
 from gmod_jax.config import MOD_PLACEMENTS, MoDConfig, ModelConfig, mod_layer_indices
 from gmod_jax.models.llama import _router_init
 

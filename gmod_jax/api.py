@@ -13,10 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gmod_jax import routing
 from gmod_jax import token_types as tt
 from gmod_jax.config import ModelConfig
-from gmod_jax.models.llama import RoutingPlan
+from gmod_jax.models.llama import RoutingPlan, routing_capacity
 from gmod_jax.models.llava import LlavaModel
 
 
@@ -29,15 +28,6 @@ def _jitted_apply(config: ModelConfig, plan: RoutingPlan, with_pixels: bool):
                             attention_mask, token_types, plan)
 
     return jax.jit(fn)
-
-
-def routing_capacity(config: ModelConfig, token_types_np: np.ndarray, mode: str) -> int | None:
-    """Static kept-slot count for a batch, computed on the host from its token types."""
-    if not config.mod.enabled or mode == "dense":
-        return None
-    if mode == "inference" and config.mod.inference_routing == "threshold":
-        return None  # ceil(threshold_max_capacity · T), decided in the layer
-    return routing.static_keep_capacity(token_types_np, config.mod.routable_types, config.mod.routing_ratio)
 
 
 @dataclasses.dataclass
@@ -110,7 +100,7 @@ class Model:
 def load(path: str, dtype: str | None = None) -> Model:
     """Load a gmod-jax checkpoint directory (written by `python -m convert`, `convert.to_mod` or
     training's `export`). `dtype` optionally casts params ("float32", "bfloat16", "float16")."""
-    from convert.orbax_io import load_checkpoint
+    from gmod_jax.checkpoint import load_checkpoint
 
     config, params = load_checkpoint(path)
     if dtype is not None:

@@ -16,8 +16,8 @@ The answer is routed as part of one forward over prompt + answer (teacher forcin
 prefill rule, as the paper's figure shows question and answer words skipped alike; generation
 itself routes decode tokens with the decode threshold instead.
 
-`routing_masks(model, ...)` is the Python API: a forward that mirrors the model's decoder loop
-with the same pure layer functions and returns each MoD layer's kept mask.
+`routing_masks(model, ...)` is the Python API: the model's own decoder walk, collecting each MoD
+layer's kept mask.
 """
 
 from __future__ import annotations
@@ -30,16 +30,12 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from gmod_jax import routing
 from gmod_jax import token_types as tt
-from gmod_jax.api import Model, routing_capacity
+from gmod_jax.api import Model
 from gmod_jax.config import ModelConfig
-from gmod_jax.layers.attention import causal_mask
-from gmod_jax.models.llama import (RoutingPlan, decoder_layer, mod_layer, position_ids, rope_builder, router_logits,
-                                   select_tokens)
+from gmod_jax.models.llama import Collect, RoutingPlan, decoder_walk, routing_capacity
 from gmod_jax.models.llava import LlavaModel
 
 PLOT_TYPES = (tt.SYSTEM, tt.IMAGE, tt.QUESTION, tt.ANSWER)
@@ -54,39 +50,16 @@ SUMMARY_JSON = "routing_summary.json"
 
 @functools.lru_cache(maxsize=None)
 def _trace_fn(config: ModelConfig, plan: RoutingPlan):
-    """Jitted decoder loop returning (kept [n_mod,B,T], keep-prob [n_mod,B,T]).
-
-    Same computation as `models.llama.decoder_forward` (which only returns kept *counts*): the
-    MoD layer's selection is recomputed here from the same inputs with the same pure function,
-    then `mod_layer` advances the hidden state, so the masks are the ones the model used.
-    Layers run unrolled; this is an analysis tool, not a hot path.
-    """
+    """Jitted model walk returning (kept [n_mod,B,T], keep-prob [n_mod,B,T]): the decoder walk
+    of the model forward (`models.llama.decoder_walk`), collecting each MoD layer's selection."""
     module = LlavaModel(config)
-    t = config.text
-    mod_index = {layer: i for i, layer in enumerate(config.mod.layers)}
 
     def trace(params, input_ids, pixel_values, attention_mask, token_types):
-        mask = attention_mask.astype(bool)
         x = module.apply({"params": params}, input_ids, pixel_values, method=LlavaModel.embed)
         llm = params["llm"]
-        router = llm["mod_router"]["kernel"]
-        positions = position_ids(mask)
-        rope = rope_builder(config, positions)
-        cos, sin = rope(positions)
-        dense_mask = causal_mask(mask)
-        kept, probs = [], []
-        for layer in range(t.num_layers):
-            p = jax.tree.map(lambda a: a[layer], llm["layers"])
-            if layer not in mod_index:
-                x, _ = decoder_layer(config, p, x, cos, sin, dense_mask)
-                continue
-            kernel = router if config.mod.shared_router else router[mod_index[layer]]
-            keep_prob = routing.router_probs(router_logits(config, p, kernel, x))
-            sel = select_tokens(config, keep_prob, mask, token_types, plan)
-            kept.append(sel.selected & mask)
-            probs.append(keep_prob)
-            x, *_ = mod_layer(config, p, kernel, x, positions, mask, token_types, plan, rope)
-        return jnp.stack(kept), jnp.stack(probs)
+        _, walk = decoder_walk(config, llm["layers"], llm["mod_router"]["kernel"], x, attention_mask, token_types,
+                               plan, Collect(routing=True), by_index=True)
+        return walk.mod["selected"], walk.mod["keep_prob"]
 
     return jax.jit(trace)
 
@@ -340,7 +313,7 @@ def main(argv=None) -> int:
                     help="route with the inference rule or the training top-k rule")
     args = ap.parse_args(argv)
 
-    from convert.orbax_io import load_config
+    from gmod_jax.checkpoint import load_config
     from gmod_jax.api import load
     from gmod_jax.data.tokenizer import load_tokenizer
 

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from gmod_jax import arank_cli
+from gmod_jax.arank import cli as arank_cli
 from tests.tiny_checkpoint import make_tiny_checkpoint
 
 

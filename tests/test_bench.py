@@ -9,8 +9,10 @@ import textwrap
 
 import pytest
 
-from gmod_jax import bench
-from train.config import apply_overrides
+from gmod_jax import benchmarks_md
+from gmod_jax.bench import runner
+from gmod_jax.bench.config import BenchConfig, load_config
+from gmod_jax.config_files import apply_overrides
 
 TINY_CONFIG = textwrap.dedent('''
     import dataclasses
@@ -43,31 +45,31 @@ def _write_config(tmp_path, platform=None):
 def test_replace_section_touches_nothing_else():
     other = "<!-- bench:gpu:start -->\nGPU table\n<!-- bench:gpu:end -->"
     doc = f"# Benchmarks\n\nintro text\n\n<!-- bench:cpu:start -->\nold\n<!-- bench:cpu:end -->\n\n{other}\ntrailer\n"
-    new = bench.replace_section(doc, "cpu", "new table\n")
+    new = benchmarks_md.replace_section(doc, "cpu", "new table\n")
     assert new == doc.replace("\nold\n", "\nnew table\n")
-    appended = bench.replace_section(new, "tpu", "tpu table")
+    appended = benchmarks_md.replace_section(new, "tpu", "tpu table")
     assert appended.startswith(new.rstrip("\n")) and appended.endswith(
         "<!-- bench:tpu:start -->\ntpu table\n<!-- bench:tpu:end -->\n")
-    fresh = bench.replace_section(None, "cpu", "t")
+    fresh = benchmarks_md.replace_section(None, "cpu", "t")
     assert fresh.startswith("# Benchmarks") and "<!-- bench:cpu:start -->\nt\n<!-- bench:cpu:end -->" in fresh
     with pytest.raises(ValueError, match="without"):
-        bench.replace_section("<!-- bench:cpu:start -->\nno end\n", "cpu", "x")
+        benchmarks_md.replace_section("<!-- bench:cpu:start -->\nno end\n", "cpu", "x")
 
 
 def test_override_and_config_validation(tmp_path):
-    config = bench.load_config(_write_config(tmp_path))
+    config = load_config(_write_config(tmp_path))
     changed = apply_overrides(config, ["model.text.num_layers=4", "torch_baseline=False", "torch_attention=eager"])
     assert changed.model.text.num_layers == 4 and changed.torch_baseline is False
     assert changed.torch_attention == "eager" and config.model.text.num_layers == 3
     with pytest.raises(ValueError, match="unknown config key"):
         apply_overrides(config, ["model.text.nope=1"])
     with pytest.raises(ValueError, match="dense base model"):
-        bench.BenchConfig(section="x", title="x", model=config.mod_model_config(), cases=())
+        BenchConfig(section="x", title="x", model=config.mod_model_config(), cases=())
 
 
 def test_platform_gate_exits_cleanly(tmp_path, capsys):
     out = tmp_path / "out.json"
-    assert bench.main(["--config", str(_write_config(tmp_path, "tpu")), "--json", str(out)]) == 0
+    assert runner.main(["--config", str(_write_config(tmp_path, "tpu")), "--json", str(out)]) == 0
     assert "needs a 'tpu' JAX backend" in capsys.readouterr().out
     assert not out.exists()
 
@@ -80,7 +82,7 @@ def test_bench_end_to_end(tmp_path):
     keep_after = "\n<!-- bench:gpu:start -->\nGPU numbers\n<!-- bench:gpu:end -->\n"
     md.write_text(keep_before + "<!-- bench:tiny:start -->\nstale\n<!-- bench:tiny:end -->\n" + keep_after)
     out = tmp_path / "bench.json"
-    assert bench.main(["--config", str(_write_config(tmp_path)), "--json", str(out), "--markdown", str(md)]) == 0
+    assert runner.main(["--config", str(_write_config(tmp_path)), "--json", str(out), "--markdown", str(md)]) == 0
 
     result = json.loads(out.read_text())
     assert {"machine", "date", "config", "cases"} <= set(result)
@@ -123,6 +125,6 @@ def test_bench_end_to_end(tmp_path):
     # re-rendering the section from the JSON (e.g. results fetched from a GPU machine) is exact
     other = tmp_path / "OTHER.md"
     other.write_text(keep_before)
-    assert bench.main(["--from-json", str(out), "--markdown", str(other)]) == 0
+    assert runner.main(["--from-json", str(out), "--markdown", str(other)]) == 0
     section = text[text.index("<!-- bench:tiny:start -->"):text.index("<!-- bench:tiny:end -->")]
     assert other.read_text().startswith(keep_before) and section in other.read_text()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from convert import hf_config, keymap, pipeline
-from convert.orbax_io import flatten
+from gmod_jax.checkpoint import flatten
 from tests import hf_fixtures as fx
 
 

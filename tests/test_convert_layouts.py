@@ -14,7 +14,7 @@ import torch
 
 from convert import hf_config, keymap, pipeline
 from convert.__main__ import main as convert_main
-from convert.orbax_io import flatten, load_checkpoint
+from gmod_jax.checkpoint import flatten, load_checkpoint
 from convert.readers import CheckpointReader
 from convert.to_hf import main as to_hf_main
 from tests import hf_fixtures as fx

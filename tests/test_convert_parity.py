@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from convert import pipeline
-from convert.orbax_io import flatten, load_checkpoint
+from gmod_jax.checkpoint import flatten, load_checkpoint
 from gmod_jax.models.llama import RoutingPlan
 from gmod_jax.models.llava import LlavaModel
 from tests import hf_fixtures as fx

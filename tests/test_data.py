@@ -42,7 +42,7 @@ def legacy_tok(sp_dir):
 def test_checkpoint_copy_keeps_the_tokenizer_as_trained(sp_dir, tok, tmp_path):
     """A checkpoint's tokenizer (what eval and generation load) must tokenise as training did:
     the special ids and the non-legacy whitespace live in special_tokens.json beside the model."""
-    from convert.orbax_io import copy_tokenizer_files
+    from gmod_jax.checkpoint import copy_tokenizer_files
 
     copy_tokenizer_files(sp_dir, tmp_path)
     copied = load_tokenizer(tmp_path)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gmod_jax import ablation, demo
+from gmod_jax.demo import ablation
+from gmod_jax.demo import pipeline as demo
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "demo_smoke.py"

@@ -8,7 +8,7 @@ import pytest
 
 from gmod_jax.eval import benchmarks as B
 from gmod_jax.eval.results import AnswersFile
-from gmod_jax.eval.synthetic_files import write_benchmark_files
+from tests.support.eval_files import write_benchmark_files
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from gmod_jax import api
 from gmod_jax.eval import benchmarks as B
 from gmod_jax.eval.results import LABELS, ResultsTable
 from gmod_jax.eval.runner import ANSWERS_FILE, LLAVA_ANSWERS_FILE, METRICS_FILE, main
-from gmod_jax.eval.synthetic_files import write_benchmark_files
+from tests.support.eval_files import write_benchmark_files
 from tests.tiny_checkpoint import make_tiny_checkpoint
 
 FAST = ["--batch-size", "4", "--prompt-buckets", "384", "--max-new-tokens", "3", "--no-progress"]

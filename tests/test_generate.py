@@ -12,7 +12,7 @@ import pytest
 from gmod_jax import config as C
 from gmod_jax.api import Model
 from gmod_jax.inference.generate import bucket_length, decode_jit, generate_ids, prefill_jit, sample_tokens
-from gmod_jax.inference.reference import reference_generate
+from tests.support.reference import reference_generate
 from gmod_jax.models.llava import LlavaModel
 
 MAX_NEW = 8

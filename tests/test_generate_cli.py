@@ -8,7 +8,7 @@ import json
 import numpy as np
 
 import gmod_jax
-from convert.orbax_io import save_checkpoint
+from gmod_jax.checkpoint import save_checkpoint
 from gmod_jax import config as C
 from gmod_jax.data.images import ImageConfig, preprocess_image
 from gmod_jax.data.synthetic import SyntheticConfig, synthetic_texts, write_synthetic_dataset

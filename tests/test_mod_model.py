@@ -278,8 +278,9 @@ def test_matches_official_torch_mod_layer():
 
     cap = routing.static_keep_capacity(types, cfg.mod.routable_types, ratio)
     assert cap == math.ceil(t * (1 - ratio * prefix / t))
-    out, loss, counts, _ = llama.mod_layer(cfg, p, router.weight.detach().numpy().T, xj, pos, jnp.asarray(mask),
-                                           jnp.asarray(types), RoutingPlan("train", cap), rope)
+    out, counts = llama.mod_layer(cfg, p, router.weight.detach().numpy().T, xj, pos, jnp.asarray(mask),
+                                  jnp.asarray(types), RoutingPlan("train", cap), rope)
+    loss = counts["loss"]
     sel = routing.select_topk(routing.router_probs(llama.router_logits(cfg, p, router.weight.detach().numpy().T, xj)),
                               jnp.asarray(types), cfg.mod.routable_types, ratio, cap)
     np.testing.assert_array_equal(np.asarray(sel.indices), ref_idx.numpy())

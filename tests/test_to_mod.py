@@ -9,7 +9,7 @@ import pytest
 
 import gmod_jax
 from convert import to_mod
-from convert.orbax_io import save_checkpoint
+from gmod_jax.checkpoint import save_checkpoint
 from gmod_jax import config as C
 
 

@@ -30,10 +30,11 @@ def _worker(out_path: str) -> None:
 
     from gmod_jax import sharding as shd
     from gmod_jax import token_types as tt
-    from gmod_jax.api import routing_capacity
+    from gmod_jax.models.llama import routing_capacity
     from train import optimizer as opt
     from train import step as step_lib
-    from train.config import apply_overrides, load_recipe
+    from gmod_jax.config_files import apply_overrides
+    from train.config import load_recipe
 
     assert jax.device_count() == 8
     results = {}

@@ -12,7 +12,8 @@ from gmod_jax import token_types as tt
 from tests.test_sharding import ROOT
 from train import data as data_lib
 from train import optimizer as opt
-from train.config import OptimConfig, OverrideError, TrainConfig, apply_overrides, load_mesh_preset, load_recipe
+from gmod_jax.config_files import OverrideError, apply_overrides
+from train.config import OptimConfig, TrainConfig, load_mesh_preset, load_recipe
 
 CONFIGS = ROOT / "configs"
 

@@ -60,7 +60,8 @@ def _worker(tmp: str, resumed_workdir: str, out_path: str) -> None:
     from train import optimizer as opt
     from train import step as step_lib
     from train.checkpoint import Checkpointer
-    from train.config import apply_overrides, load_recipe
+    from gmod_jax.config_files import apply_overrides
+    from train.config import load_recipe
     from train.loop import NonFiniteLoss, run
 
     tmp = Path(tmp)

@@ -17,7 +17,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from convert import pipeline
-from convert.orbax_io import flatten
+from gmod_jax.checkpoint import flatten
 from gmod_jax import sharding as shd
 from gmod_jax.models.llava import default_token_types
 from tests import hf_fixtures as fx

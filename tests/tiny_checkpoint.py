@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 
 import gmod_jax
-from convert.orbax_io import save_checkpoint
+from gmod_jax.checkpoint import save_checkpoint
 from gmod_jax import config as C
 from gmod_jax.data.synthetic import SyntheticConfig, synthetic_texts, write_synthetic_dataset
 from gmod_jax.data.tokenizer import train_sentencepiece

@@ -36,7 +36,8 @@ def main(argv=None) -> int:
 
     # Parse the config before touching JAX so mistakes fail fast, then bring up multi-process
     # JAX before anything initialises the backend.
-    from train.config import OverrideError, apply_overrides, load_mesh_preset, load_recipe
+    from gmod_jax.config_files import OverrideError, apply_overrides
+    from train.config import load_mesh_preset, load_recipe
 
     try:
         cfg = load_recipe(args.config)

@@ -17,7 +17,7 @@ from gmod_jax.config import ModelConfig
 
 def export_params(out_dir, params, model: ModelConfig, tokenizer_src_dir=None, overwrite: bool = True):
     """Gather (possibly sharded, multi-process) params to host and write them on process 0."""
-    from convert.orbax_io import save_checkpoint
+    from gmod_jax.checkpoint import save_checkpoint
     from train.step import host_array
 
     host = jax.tree.map(host_array, params)

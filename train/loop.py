@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from gmod_jax import sharding as shd
-from gmod_jax.api import routing_capacity
+from gmod_jax.models.llama import routing_capacity
 from gmod_jax.config import ModelConfig
 from train import data as data_lib
 from train import flops as flops_lib
@@ -94,7 +94,7 @@ def resolve_model(cfg: TrainConfig) -> ModelConfig:
     if cfg.model is not None:
         model = cfg.model
     else:
-        from convert.orbax_io import load_config
+        from gmod_jax.checkpoint import load_config
 
         model = load_config(cfg.init_from)
     return cfg.resolve_model(model)
@@ -105,7 +105,7 @@ def load_init_params(cfg: TrainConfig, spec: step_lib.StateSpec, random_params) 
     exclude) replaced by the checkpoint's, cast to the param dtype and placed in its sharding."""
     import re
 
-    from convert.orbax_io import load_checkpoint
+    from gmod_jax.checkpoint import load_checkpoint
 
     _, loaded = load_checkpoint(cfg.init_from)
     flat_loaded = {shd.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(loaded)[0]}

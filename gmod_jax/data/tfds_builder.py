@@ -203,7 +203,7 @@ _BUILDER_CLASS = None
 
 
 def builder_class():
-    """The TFDS builder class (created lazily: importing TFDS costs ~0.5 s)."""
+    """The TFDS builder class (created lazily: importing TFDS is slow, and most readers never need it)."""
     global _BUILDER_CLASS
     if _BUILDER_CLASS is None:
         _BUILDER_CLASS = _make_builder_class()

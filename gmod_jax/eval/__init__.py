@@ -7,5 +7,6 @@
   :func:`~gmod_jax.eval.benchmarks.run_benchmark` (batched, resumable).
 * :mod:`gmod_jax.eval.results` - results JSON + paper-style markdown table, resumable
   answers files, atomic writers.
-* :mod:`gmod_jax.eval.synthetic_files` - tiny file sets in each benchmark's real format.
+
+The tests write tiny file sets in each benchmark's real format (`tests/support/eval_files.py`).
 """

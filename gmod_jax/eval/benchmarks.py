@@ -1163,7 +1163,7 @@ ALIASES = {"scienceqa": "sqa", "sqa-img": "sqa", "seed-bench": "seed", "seedbenc
 
 def load_benchmark(name: str, **kwargs) -> Benchmark:
     """Build a benchmark by name from its file paths (the keys returned by
-    :func:`gmod_jax.eval.synthetic_files.write_benchmark_files` fit directly)."""
+    the test suite's `write_benchmark_files` fit directly)."""
     key = ALIASES.get(name.lower(), name.lower())
     if key not in BENCHMARKS:
         raise KeyError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")

@@ -1,4 +1,4 @@
-"""Generation with MoD-aware KV caches: jitted bucketed prefill, while_loop decode, reference.
+"""Generation with MoD-aware KV caches: jitted bucketed prefill and while_loop decode.
 
 The prompt-level API is `gmod_jax.inference.generate.generate`; it is not re-exported here so
 that `gmod_jax.inference.generate` stays the module, not a function of the same name.
@@ -6,6 +6,5 @@ that `gmod_jax.inference.generate` stays the module, not a function of the same 
 
 from gmod_jax.inference.generate import GenerationOutput, generate_ids
 from gmod_jax.inference.kv_cache import KVCache
-from gmod_jax.inference.reference import ReferenceOutput, reference_generate
 
-__all__ = ["GenerationOutput", "KVCache", "ReferenceOutput", "generate_ids", "reference_generate"]
+__all__ = ["GenerationOutput", "KVCache", "generate_ids"]

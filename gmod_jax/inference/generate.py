@@ -1,7 +1,7 @@
 """Jitted prefill + decode loop with MoD-aware KV caches, and the batched generation APIs.
 
 Decode semantics (the official γ-MoD eval model, generalised to batches; see
-`gmod_jax/inference/reference.py` for the same rule as a cache-free recompute):
+the test suite's cache-free reference, `tests/support/reference.py`, for the same rule):
 
 * Prefill runs the whole (left-padded) prompt once. Dense layers cache every token. Each MoD layer
   selects tokens with the config's inference rule (official: keep iff keep-prob > 0.005, realised
@@ -22,7 +22,6 @@ with the token budget, EOS ids, temperature, top-p and PRNG key all traced.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Sequence
 
@@ -34,10 +33,9 @@ from gmod_jax import routing
 from gmod_jax import token_types as tt
 from gmod_jax.config import ModelConfig
 from gmod_jax.inference.kv_cache import KVCache, decode_layer, pad_slots
-from gmod_jax.layers.attention import causal_mask
 from gmod_jax.layers.dtypes import DTYPES
-from gmod_jax.models.llama import (RoutingPlan, decoder_layer_with_kv, layer_group, layer_groups, position_ids,
-                                   rope_builder, router_logits, select_tokens)
+from gmod_jax.models.llama import (Collect, RoutingPlan, decoder_walk, group_routers, layer_group, layer_groups,
+                                   rope_builder, router_logits, routing_capacity)
 from gmod_jax.models.llava import LlavaModel
 
 MODES = ("inference", "dense")
@@ -98,16 +96,15 @@ def active_mod_layers(config: ModelConfig, mode: str) -> tuple[int, ...]:
 
 
 def mod_prefill_capacity(config: ModelConfig, token_types: np.ndarray, mode: str) -> int:
-    """Static kept slots per MoD layer for a padded batch (host side)."""
+    """Static kept slots per MoD layer for a padded batch (host side; 0 without MoD layers)."""
     if not active_mod_layers(config, mode):
         return 0
-    t = token_types.shape[-1]
-    mod = config.mod
-    if mod.inference_routing == "threshold":
-        return max(1, math.ceil(mod.threshold_max_capacity * t))
-    need = routing.static_keep_capacity(token_types, mod.routable_types, mod.routing_ratio)
+    need = routing_capacity(config, token_types, mode)
+    if config.mod.inference_routing == "threshold":
+        return need
     # Rounded up to 1/16 of the bucket so a bucket compiles at most 16 capacities; extra slots
     # only become invalid slots, the selection itself does not change.
+    t = token_types.shape[-1]
     step = max(1, t // 16)
     return min(t, -(-need // step) * step)
 
@@ -130,19 +127,6 @@ def _final_logits(config, params, hidden):
     return LlavaModel(config).apply({"params": params}, hidden, method=lambda m, h: m.llm.logits(h))
 
 
-def _layer_with_kv(config: ModelConfig, p, x, cos, sin, mask, mlp_scale=None):
-    x, _, kv = decoder_layer_with_kv(config, p, x, cos, sin, mask, mlp_scale)
-    return x, kv
-
-
-def _group_routers(config: ModelConfig, router, start: int, stop: int):
-    """Per-layer router kernels for a MoD group, or None when one router is shared."""
-    if config.mod.shared_router:
-        return None
-    first = config.mod.layers.index(start)
-    return router[first:first + (stop - start)]
-
-
 def _kv_shape(config: ModelConfig, batch: int, slots: int):
     return (batch, slots, config.text.num_kv_heads, config.text.head_dim)
 
@@ -154,79 +138,36 @@ def _kv_shape(config: ModelConfig, batch: int, slots: int):
 def _prefill(params, input_ids, pixel_values, attention_mask, token_types, *, config: ModelConfig, spec: CacheSpec):
     """Returns (last-position logits [B,V], KVCache, prefill stats)."""
     llm = params["llm"]
-    layers = llm["layers"]
     router = llm["mod_router"]["kernel"] if config.mod.enabled else None
     dtype = DTYPES[config.dtype]
     b, t = input_ids.shape
     mask = attention_mask.astype(bool)
-    positions = position_ids(mask)
-    rope = rope_builder(config, positions)
-    cos, sin = rope(positions)
-    dense_mask = causal_mask(mask)
-    mods = active_mod_layers(config, spec.mode)
-    plan = RoutingPlan(mode="inference", capacity=spec.mod_capacity or None)
-    impl = config.mod.implementation
+    plan = RoutingPlan(mode="inference" if spec.mode == "inference" else "dense", capacity=spec.mod_capacity or None)
 
     x = _embed_prompt(config, params, input_ids, pixel_values)
-    dense_k, dense_v, mod_out = [], [], []
-    for start, stop, is_mod in layer_groups(config.text.num_layers, mods):
-        group, fetch = layer_group(layers, start, stop, by_index=True)
-        if not is_mod:
-            def dense_step(h, i, fetch=fetch):
-                h, (k, v) = _layer_with_kv(config, fetch(i), h, cos, sin, dense_mask)
-                return h, (k, v)
-
-            x, (k, v) = jax.lax.scan(dense_step, x, group)
-            dense_k.append(k), dense_v.append(v)
-            continue
-
-        def mod_step(h, xs, fetch=fetch):
-            i, r = xs
-            p = fetch(i)
-            kernel = router if r is None else r
-            probs = routing.router_probs(router_logits(config, p, kernel, h))
-            sel = select_tokens(config, probs, mask, token_types, plan)
-            real = sel.valid & routing.gather_mask(mask, sel)  # kept slots that are not padding
-            if config.mod.compact_positions:
-                pos = routing.compact_positions(sel, mask)
-            else:
-                pos = routing.gathered_positions(positions, sel)
-            c, s = rope(pos)
-            y, (k, v) = _layer_with_kv(config, p, routing.gather_tokens(h, sel, impl), c, s,
-                                       routing.kept_attention_mask(sel, real),
-                                       mlp_scale=routing.gather_mask(probs, sel))
-            h = routing.scatter_tokens(h, y, sel, impl)
-            n_real = jnp.sum(real, axis=-1, dtype=jnp.int32)
-            return h, dict(k=k, v=v, valid=real, length=sel.num_kept, next_pos=n_real, kept=n_real,
-                           entering=jnp.sum(mask, axis=-1, dtype=jnp.int32))
-
-        x, out = jax.lax.scan(mod_step, x, (group, _group_routers(config, router, start, stop)))
-        mod_out.append(out)
-
+    x, trace = decoder_walk(config, llm["layers"], router, x, mask, token_types, plan, Collect(kv=True),
+                            by_index=True)
     logits = _final_logits(config, params, x[:, -1:])[:, 0]
 
-    def stack(parts, shape):
-        return jnp.concatenate(parts) if parts else jnp.zeros((0, *shape), dtype)
-
     kv_dense = _kv_shape(config, b, t)
-    cache_dense_k = pad_slots(stack(dense_k, kv_dense), 2, spec.dense_slots)
-    cache_dense_v = pad_slots(stack(dense_v, kv_dense), 2, spec.dense_slots)
-    if mod_out:
-        m = jax.tree.map(lambda *a: jnp.concatenate(a), *mod_out)
+    dense_k = trace.dense["k"] if trace.dense else jnp.zeros((0, *kv_dense), dtype)
+    dense_v = trace.dense["v"] if trace.dense else jnp.zeros((0, *kv_dense), dtype)
+    if trace.mod:
+        m = trace.mod
     else:
         kv_mod = _kv_shape(config, b, 0)
         m = dict(k=jnp.zeros((0, *kv_mod), dtype), v=jnp.zeros((0, *kv_mod), dtype),
                  valid=jnp.zeros((0, b, 0), bool), length=jnp.zeros((0, b), jnp.int32),
-                 next_pos=jnp.zeros((0, b), jnp.int32), kept=jnp.zeros((0, b), jnp.int32),
-                 entering=jnp.zeros((0, b), jnp.int32))
+                 next_pos=jnp.zeros((0, b), jnp.int32), kept_per_row=jnp.zeros((0, b), jnp.int32),
+                 tokens_per_row=jnp.zeros((0, b), jnp.int32))
     cache = KVCache(
-        dense_k=cache_dense_k, dense_v=cache_dense_v,
+        dense_k=pad_slots(dense_k, 2, spec.dense_slots), dense_v=pad_slots(dense_v, 2, spec.dense_slots),
         dense_valid=pad_slots(mask, 1, spec.dense_slots, False),
         mod_k=pad_slots(m["k"].astype(dtype), 2, spec.mod_slots),
         mod_v=pad_slots(m["v"].astype(dtype), 2, spec.mod_slots),
         mod_valid=pad_slots(m["valid"], 2, spec.mod_slots, False),
         mod_length=m["length"], mod_next_pos=m["next_pos"])
-    return logits, cache, {"prefill_kept": m["kept"], "prefill_tokens": m["entering"]}
+    return logits, cache, {"prefill_kept": m["kept_per_row"], "prefill_tokens": m["tokens_per_row"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,7 +235,7 @@ def _decode_step(config: ModelConfig, spec: CacheSpec, params, cache: KVCache, t
             return h, (k[:, 0], v[:, 0], keep)
 
         x, (ks, vs, keeps) = jax.lax.scan(
-            mod_step, x, (group, jnp.arange(mod_i, mod_i + n), _group_routers(config, router, start, stop)))
+            mod_step, x, (group, jnp.arange(mod_i, mod_i + n), group_routers(config, router, start, stop)))
         # Each row appends at its own next slot of each layer. Writing there when the row skipped
         # is harmless: the slot stays invalid and the next token that runs the layer overwrites it.
         layer_idx = jnp.arange(mod_i, mod_i + n)[:, None]

@@ -15,6 +15,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gmod_jax import routing
 from gmod_jax.config import ModelConfig
@@ -193,51 +194,104 @@ def router_logits(config: ModelConfig, p_layer, router_kernel, x):
     return jnp.einsum("btd,dc->btc", h.astype(jnp.float32), router_kernel.astype(jnp.float32))
 
 
+def threshold_capacity(config: ModelConfig, seq_len: int) -> int:
+    """Static slots of the threshold rule: ceil(threshold_max_capacity · T), at least 1."""
+    return min(seq_len, max(1, math.ceil(config.mod.threshold_max_capacity * seq_len)))
+
+
+def routing_capacity(config: ModelConfig, token_types_np, mode: str) -> int | None:
+    """Static kept slots per MoD layer for a concrete batch, computed on the host (None: no
+    routing in this mode). The capacity rule keeps exactly what the batch's token types need
+    (`routing.static_keep_capacity`); the threshold rule its static bound."""
+    if not config.mod.enabled or mode == "dense":
+        return None
+    seq_len = np.shape(token_types_np)[-1]
+    if mode == "inference" and config.mod.inference_routing == "threshold":
+        return threshold_capacity(config, seq_len)
+    return routing.static_keep_capacity(token_types_np, config.mod.routable_types, config.mod.routing_ratio)
+
+
 def select_tokens(config: ModelConfig, probs, attention_mask, token_types, plan: RoutingPlan):
     """Static-shape token selection for one MoD layer according to the plan."""
     mod, t = config.mod, probs.shape[1]
     if plan.mode == "inference" and mod.inference_routing == "threshold":
-        capacity = plan.capacity or max(1, math.ceil(mod.threshold_max_capacity * t))
+        capacity = plan.capacity or threshold_capacity(config, t)
         return routing.select_threshold(probs, attention_mask, mod.prefill_threshold, min(capacity, t))
     capacity = plan.capacity or t
     return routing.select_topk(probs, token_types, mod.routable_types, mod.routing_ratio, min(capacity, t))
 
 
+@dataclasses.dataclass(frozen=True)
+class Collect:
+    """What a decoder walk returns per layer besides the hidden states (static).
+
+    kv: each layer's keys (after RoPE) and values, for the KV caches of generation; MoD layers
+        add their slot validity and kept counts per row.
+    routing: per MoD layer, which tokens it processed ([B, T], padding never) and their
+        keep-probabilities (visualize, skip statistics).
+    attn_summary: applied to every layer's post-softmax attention [B, H, T, T] (ARank); the
+        maps are only materialised when this is set.
+    """
+
+    kv: bool = False
+    routing: bool = False
+    attn_summary: Callable | None = None
+
+
 def mod_layer(config: ModelConfig, p, router_kernel, x, positions, attention_mask, token_types,
-              plan: RoutingPlan, rope, return_probs=False):
+              plan: RoutingPlan, rope, collect: Collect = Collect()):
     """γ-MoD layer: route, run attention+MLP on kept tokens only, scatter back.
 
-    Returns (new x, router loss of this layer, counts, probs or None); counts: `kept` and
-    `tokens` (kept and entering non-pad tokens), `kept_by_type` and `tokens_by_type` (the same
-    per routable token type, in `mod.routable_types` order).
+    Returns (new x, outputs): `loss` (this layer's router loss; zero outside training), `kept` and
+    `tokens` (kept and entering non-pad tokens), `kept_by_type` / `tokens_by_type` (the same per
+    routable token type, in `mod.routable_types` order), plus what `collect` asks for.
     """
     mod = config.mod
     logits = router_logits(config, p, router_kernel, x)
     probs = routing.router_probs(logits)
     sel = select_tokens(config, probs, attention_mask, token_types, plan)
     impl = mod.implementation
-    x_kept = routing.gather_tokens(x, sel, impl)
-    key_valid = routing.gather_mask(attention_mask, sel)
+    real = sel.valid & routing.gather_mask(attention_mask, sel)  # kept slots that are not padding
     if mod.compact_positions:
         pos_kept = routing.compact_positions(sel, attention_mask)
     else:
         pos_kept = routing.gathered_positions(positions, sel)
     cos, sin = rope(pos_kept)
-    mask = routing.kept_attention_mask(sel, key_valid)
-    r_kept = routing.gather_mask(probs, sel)
-    y_kept, attn_probs = decoder_layer(config, p, x_kept, cos, sin, mask, mlp_scale=r_kept, return_probs=return_probs)
+    y_kept, attn_probs, (k, v) = decoder_layer_with_kv(
+        config, p, routing.gather_tokens(x, sel, impl), cos, sin, routing.kept_attention_mask(sel, real),
+        mlp_scale=routing.gather_mask(probs, sel), return_probs=collect.attn_summary is not None)
     x_new = routing.scatter_tokens(x, y_kept, sel, impl)
     valid = attention_mask.astype(bool)
     of_type = jnp.stack([valid & (token_types == t) for t in mod.routable_types])  # [R, B, T]
-    counts = {"kept": jnp.sum(sel.selected & valid, dtype=jnp.int32),
-              "tokens": jnp.sum(valid, dtype=jnp.int32),
-              "kept_by_type": jnp.sum(of_type & sel.selected, axis=(1, 2), dtype=jnp.int32),
-              "tokens_by_type": jnp.sum(of_type, axis=(1, 2), dtype=jnp.int32)}
+    out = {"kept": jnp.sum(sel.selected & valid, dtype=jnp.int32),
+           "tokens": jnp.sum(valid, dtype=jnp.int32),
+           "kept_by_type": jnp.sum(of_type & sel.selected, axis=(1, 2), dtype=jnp.int32),
+           "tokens_by_type": jnp.sum(of_type, axis=(1, 2), dtype=jnp.int32)}
     if plan.mode == "train":
-        loss = routing.router_loss(logits, sel.selected, attention_mask, mod.loss_token_reduction)
+        out["loss"] = routing.router_loss(logits, sel.selected, attention_mask, mod.loss_token_reduction)
     else:
-        loss = jnp.zeros((), jnp.float32)
-    return x_new, loss, counts, attn_probs
+        out["loss"] = jnp.zeros((), jnp.float32)
+    if collect.kv:
+        kept_per_row = jnp.sum(real, axis=-1, dtype=jnp.int32)
+        out.update(k=k, v=v, valid=real, length=sel.num_kept, next_pos=kept_per_row, kept_per_row=kept_per_row,
+                   tokens_per_row=jnp.sum(valid, axis=-1, dtype=jnp.int32))
+    if collect.routing:
+        out.update(selected=sel.selected & valid, keep_prob=probs)
+    if collect.attn_summary is not None:
+        out["attn_summary"] = collect.attn_summary(attn_probs)
+    return x_new, out
+
+
+def dense_layer(config: ModelConfig, p, x, cos, sin, mask, collect: Collect = Collect()):
+    """A dense decoder layer with the outputs `collect` asks for: (new x, outputs)."""
+    x, attn_probs, (k, v) = decoder_layer_with_kv(config, p, x, cos, sin, mask,
+                                                  return_probs=collect.attn_summary is not None)
+    out = {}
+    if collect.kv:
+        out.update(k=k, v=v)
+    if collect.attn_summary is not None:
+        out["attn_summary"] = collect.attn_summary(attn_probs)
+    return x, out
 
 
 def rope_builder(config: ModelConfig, dense_positions):
@@ -254,8 +308,8 @@ def layer_group(layers, start: int, stop: int, by_index: bool):
     step's scan input into that layer's params.
 
     A static slice of the stack is a copy in XLA (no views): slicing every group out of the stack
-    copied all weights at every call, e.g. ~600 MB per forward and per decode step of the CPU
-    benchmark's γ-MoD model, while the dense model's one full-range group copied nothing. With
+    copied all weights at every call (for a many-group γ-MoD model, the whole stack per forward
+    and per decode step), while the dense model's one full-range group copied nothing. With
     `by_index` the scan runs over layer indices and each step reads its layer from the full
     stack, a per-step slice XLA does not materialise. Differentiated code keeps the slice
     (by_index=False): reading a closed-over stack by index makes the backward pass add a
@@ -266,58 +320,87 @@ def layer_group(layers, start: int, stop: int, by_index: bool):
     return jax.tree.map(lambda a: a[start:stop], layers), lambda p: p
 
 
-def decoder_forward(config: ModelConfig, layers, router, embeds, attention_mask, token_types,
-                    plan: RoutingPlan, attn_probs_fn=None):
-    t = config.text
-    b, T, _ = embeds.shape
-    attention_mask = jnp.ones((b, T), bool) if attention_mask is None else attention_mask.astype(bool)
+def group_routers(config: ModelConfig, router, start: int, stop: int):
+    """Per-layer router kernels [n, D, 2] for the MoD layers start..stop-1, or None when one
+    router is shared (the scan then closes over it)."""
+    if config.mod.shared_router:
+        return None
+    first = config.mod.layers.index(start)
+    return router[first:first + (stop - start)]
+
+
+@dataclasses.dataclass
+class DecoderTrace:
+    """Per-layer outputs of a decoder walk, stacked on a leading layer axis: `dense` over the
+    dense layers, `mod` over the MoD layers (model order), `all` over every layer for the
+    outputs both kinds produce (`attn_summary`)."""
+
+    dense: dict
+    mod: dict
+    all: dict
+
+
+def decoder_walk(config: ModelConfig, layers, router, x, attention_mask, token_types, plan: RoutingPlan,
+                 collect: Collect = Collect(), *, by_index: bool, remat: str = "none", scan: bool = True):
+    """The one walk over the decoder's layer groups, shared by the model forward (training and
+    inference), generation's prefill and the routing traces (visualize, ARank).
+
+    Consecutive identical layers (dense or MoD) form a group that is `lax.scan`ned (`scan=False`
+    unrolls it, same results), optionally rematerialised. `plan.mode == "dense"` runs MoD
+    layers as dense ones. Returns (hidden [B, T, D], DecoderTrace).
+    """
+    b, T, _ = x.shape
+    attention_mask = attention_mask.astype(bool)
     positions = position_ids(attention_mask)
     rope = rope_builder(config, positions)
     cos, sin = rope(positions)
     dense_mask = causal_mask(attention_mask)
-    want_probs = attn_probs_fn is not None
     mod_layers = config.mod_layers if plan.mode != "dense" else ()
-    groups = layer_groups(t.num_layers, mod_layers)
-    mod_index = {layer: i for i, layer in enumerate(config.mod.layers)}
 
-    x = embeds
-    losses, counts, summaries = [], [], []
-    for start, stop, is_mod in groups:
-        group_xs, fetch = layer_group(layers, start, stop, by_index=plan.mode != "train")
+    outputs = []  # (is_mod, stacked outputs of the group)
+    for start, stop, is_mod in layer_groups(config.text.num_layers, mod_layers):
+        group_xs, fetch = layer_group(layers, start, stop, by_index=by_index)
         if not is_mod:
             def dense_step(h, xs, fetch=fetch):
-                h, probs = decoder_layer(config, fetch(xs), h, cos, sin, dense_mask, return_probs=want_probs)
-                return h, (attn_probs_fn(probs) if want_probs else None)
+                return dense_layer(config, fetch(xs), h, cos, sin, dense_mask, collect)
 
-            x, ys = _scan(_remat(dense_step, config.remat), x, group_xs, config.scan_layers)
-            summaries.append(ys)
-            continue
-        if config.mod.shared_router:
-            routers = None
+            x, ys = _scan(_remat(dense_step, remat), x, group_xs, scan)
         else:
-            routers = router[mod_index[start]:mod_index[start] + (stop - start)]
+            def mod_step(h, xs, fetch=fetch):
+                p, r = xs
+                return mod_layer(config, fetch(p), router if r is None else r, h, positions, attention_mask,
+                                 token_types, plan, rope, collect)
 
-        def mod_step(h, xs, fetch=fetch):
-            p, r = xs
-            kernel = router if r is None else r
-            h, loss, c, probs = mod_layer(config, fetch(p), kernel, h, positions, attention_mask, token_types,
-                                          plan, rope, return_probs=want_probs)
-            return h, (loss, c, attn_probs_fn(probs) if want_probs else None)
+            x, ys = _scan(_remat(mod_step, remat), x, (group_xs, group_routers(config, router, start, stop)), scan)
+        outputs.append((is_mod, ys))
 
-        x, (loss, c, ys) = _scan(_remat(mod_step, config.remat), x, (group_xs, routers), config.scan_layers)
-        losses.append(loss), counts.append(c), summaries.append(ys)
+    def stack(parts):
+        parts = [p for p in parts if p]
+        return jax.tree.map(lambda *a: jnp.concatenate(a), *parts) if parts else {}
 
+    both = set.intersection(*(set(ys) for _, ys in outputs)) if outputs else set()
+    return x, DecoderTrace(dense=stack([ys for is_mod, ys in outputs if not is_mod]),
+                           mod=stack([ys for is_mod, ys in outputs if is_mod]),
+                           all=stack([{k: ys[k] for k in both} for _, ys in outputs]))
+
+
+def decoder_forward(config: ModelConfig, layers, router, embeds, attention_mask, token_types,
+                    plan: RoutingPlan, attn_probs_fn=None):
+    """The model's decoder pass: hidden states and the aux dict of `LlamaDecoder.__call__`."""
+    b, T, _ = embeds.shape
+    attention_mask = jnp.ones((b, T), bool) if attention_mask is None else attention_mask
+    x, trace = decoder_walk(config, layers, router, embeds, attention_mask, token_types, plan,
+                            Collect(attn_summary=attn_probs_fn), by_index=plan.mode != "train",
+                            remat=config.remat, scan=config.scan_layers)
     aux = {}
-    if losses:
-        per_layer = jnp.concatenate(losses)
+    if trace.mod:
         reduce = jnp.sum if config.mod.loss_layer_reduction == "sum" else jnp.mean
-        aux["router_loss"] = config.mod.router_aux_loss_coef * reduce(per_layer)
-        per_layer_counts = jax.tree.map(lambda *a: jnp.concatenate(a), *counts)
-        aux.update({f"mod_{name}": v for name, v in per_layer_counts.items()})
+        aux["router_loss"] = config.mod.router_aux_loss_coef * reduce(trace.mod["loss"])
+        aux.update({f"mod_{name}": trace.mod[name] for name in ("kept", "tokens", "kept_by_type", "tokens_by_type")})
     else:
         aux["router_loss"] = jnp.zeros((), jnp.float32)
-    if want_probs:
-        aux["attn_summary"] = jax.tree.map(lambda *a: jnp.concatenate(a), *summaries)
+    if attn_probs_fn is not None:
+        aux["attn_summary"] = trace.all["attn_summary"]
     return x, aux
 
 

@@ -1,4 +1,4 @@
-"""`convert.orbax_io`: the project's checkpoint directory (Orbax params + config.json + tokenizer)."""
+"""`gmod_jax.checkpoint`: the project's checkpoint directory (Orbax params + config.json + tokenizer)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from convert.orbax_io import CheckpointWriter, flatten, load_checkpoint, save_checkpoint
+from gmod_jax.checkpoint import CheckpointWriter, flatten, load_checkpoint, save_checkpoint
 from gmod_jax import config as C
 from gmod_jax.models.llava import LlavaModel
 

@@ -89,10 +89,3 @@ def aggregate(per_sample) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"expected [N, L] or [N, L, H], got shape {values.shape}")
     return values.mean(axis=0), values.std(axis=0)
 
-
-if __name__ == "__main__":  # python -m gmod_jax.arank (the CLI lives in arank_cli to keep this module pure)
-    import sys
-
-    from gmod_jax.arank_cli import main
-
-    sys.exit(main())

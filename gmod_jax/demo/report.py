@@ -1,4 +1,4 @@
-"""`<workdir>/report.md` and its plots for `python -m gmod_jax.demo` (see gmod_jax/demo.py).
+"""`<workdir>/report.md` and its plots for `python -m gmod_jax.demo` (see gmod_jax/demo/pipeline.py).
 
 Everything here is read back from the stage outputs (metrics JSONL of each training run, the
 ARank report, evaluation metrics, routing summary, timings), so the report can be rewritten
@@ -7,6 +7,7 @@ from a finished run at no cost.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -25,11 +26,23 @@ def _pyplot():
     return plt
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """Training metrics JSONL, one record per logged step (last record wins for a step, so a
+    resumed run's overlap is not drawn twice)."""
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            if "loss" in rec:
+                by_step[int(rec["step"])] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def plot_losses(root: Path, path: Path) -> None:
     """Stage 1 (dense from scratch) LM loss; stage 2 LM losses of the γ-MoD and dense
     fine-tunes; the γ-MoD router loss and training skip ratio."""
-    from gmod_jax.demo import read_metrics
-
     runs = {name: read_metrics(root / "train" / name / "metrics.jsonl")
             for name in ("pretrain", "dense", "mod_ft", "dense_ft")}
     plt = _pyplot()
@@ -152,7 +165,7 @@ def write_report(root: Path, cfg, s: dict) -> Path:
 
     add("## ARank\n")
     add(f"ARank (rank of each layer's attention maps, mean over heads) of the dense model on "
-        f"{ar['num_samples']} held-out image questions (`gmod_jax.arank_cli`). Rule: {ar['rule']} "
+        f"{ar['num_samples']} held-out image questions (`gmod_jax.arank.cli`). Rule: {ar['rule']} "
         f"(the paper keeps 4 of 32 layers dense; {cfg.num_dense} of {n_layers} here). MoD layers: "
         f"{ar['mod_layers']}; dense: {ar['dense_layers']}.\n")
     if ar.get("tie_break"):
@@ -204,7 +217,7 @@ def write_report(root: Path, cfg, s: dict) -> Path:
            "patch" + (", that content's shape, colour and size on their own"
                       if cfg.vision_pretrain.attribute_labels else "")
            + (" and the patch's row and column" if cfg.vision_pretrain.position_labels else "")
-           + " (standing in for CLIP's pretraining; `gmod_jax.demo_vision`) and then stays frozen; "
+           + " (standing in for CLIP's pretraining; `gmod_jax.demo.vision`) and then stays frozen; "
            if cfg.vision_pretrain is not None else "The vision tower starts from random weights; ")
         + "the model (the trainable parts as in the table, the LLM from random weights) is trained "
         + ("first on the captions with LLaVA's stage-1 `plain` template (the caption right after the image), "

@@ -202,7 +202,7 @@ def vision_stage(config: ModelConfig, cfg: VisionPretrainConfig, synthetic: Synt
                  eval_json: Path, data_dir: Path, out_dir: Path, tokenizer_dir: Path, seed: int,
                  echo: Callable[[str], None] = print) -> dict:
     """Random LLaVA init with a pretrained vision tower, saved as a checkpoint at `out_dir`."""
-    from convert.orbax_io import save_checkpoint
+    from gmod_jax.checkpoint import save_checkpoint
     from gmod_jax.api import init_random
 
     train = load_split(json.loads(Path(train_json).read_text()), data_dir, config, synthetic)

@@ -48,99 +48,14 @@ import numpy as np
 
 from gmod_jax import flops as F
 from gmod_jax import token_types as tt
-from gmod_jax.api import Model, init_random, routing_capacity
-from gmod_jax.config import ModelConfig, gamma_mod
-from gmod_jax.models.llama import RoutingPlan
+from gmod_jax.api import Model, init_random
+from gmod_jax.bench.config import BenchConfig, Case, load_config
+from gmod_jax.bench.markdown import fmt, render_markdown
+from gmod_jax.benchmarks_md import update_markdown
+from gmod_jax.eval.results import write_text_atomic
+from gmod_jax.config import ModelConfig
+from gmod_jax.models.llama import RoutingPlan, routing_capacity
 from gmod_jax.models.llava import LlavaModel
-
-KINDS = ("prefill", "decode", "train_step")
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One measurement. `repeats` overrides the config default for this case (big batches can
-    afford fewer), so `--set repeats=N` only changes cases that leave it unset."""
-
-    kind: str
-    batch: int
-    repeats: int | None = None
-    new_tokens: int = 32  # decode only
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"case kind must be one of {KINDS}, got {self.kind!r}")
-        if self.batch < 1 or (self.kind == "decode" and self.new_tokens < 2):
-            raise ValueError(f"bad case {self}")
-
-    @property
-    def name(self) -> str:
-        if self.kind == "decode":
-            return f"decode_b{self.batch}_n{self.new_tokens}"
-        return f"{self.kind}_b{self.batch}"
-
-
-@dataclasses.dataclass(frozen=True)
-class BenchConfig:
-    """A benchmark recipe; config files define `get_config() -> BenchConfig`."""
-
-    section: str  # BENCHMARKS.md section key (markers `<!-- bench:<section>:start/end -->`)
-    title: str
-    model: ModelConfig  # the dense base model; the γ-MoD twin is derived from it
-    cases: tuple[Case, ...]
-    placement: str = "arank_mod"  # `config.mod_layer_indices` strategy (official: all but 0,1,2,L-1)
-    mod_layers: tuple[int, ...] = ()  # for placement "explicit"
-    routing_ratio: float = 0.5
-    inference_routing: str = "capacity"  # see the module docstring
-    masking: str = "official"
-    # Token layout of every sequence: system prefix (BOS, system prompt, "USER:"; 35 in LLaVA's
-    # vicuna_v1 template), one image, then question text. Training marks the last
-    # `answer_tokens` of the question part as the answer (the only tokens with LM loss).
-    system_tokens: int = 35
-    question_tokens: int = 29
-    answer_tokens: int = 16
-    warmup: int = 1
-    repeats: int = 5
-    seed: int = 0
-    learning_rate: float = 1e-5
-    xla_flops: bool = True  # compile an unrolled twin of each program to read XLA's FLOP count
-    attention_flops: str = "blocked"  # analytic attention counting, see gmod_jax.flops
-    torch_baseline: bool = True  # HF LlavaForConditionalGeneration on the dense weights (prefill)
-    torch_attention: str = "sdpa"  # "sdpa" | "eager"
-    threads: int | None = None  # torch intra-op threads; None = the cores this process may use
-    require_platform: str | None = None  # e.g. "gpu": exit cleanly without running elsewhere
-    peak_tflops: float | None = None  # MFU denominator; None = look up the device kind
-
-    def __post_init__(self):
-        object.__setattr__(self, "cases", tuple(self.cases))
-        object.__setattr__(self, "mod_layers", tuple(self.mod_layers))
-        if self.model.mod.enabled:
-            raise ValueError("BenchConfig.model is the dense base model (mod disabled)")
-        if self.attention_flops not in F.ATTENTION_MODES:
-            raise ValueError(f"attention_flops must be one of {F.ATTENTION_MODES}")
-        if self.warmup < 0 or self.repeats < 1:
-            raise ValueError("warmup must be >= 0 and repeats >= 1")
-        names = [c.name for c in self.cases]
-        if len(set(names)) != len(names):
-            raise ValueError(f"duplicate cases: {names}")
-
-    @property
-    def seq_len(self) -> int:
-        return self.system_tokens + self.model.image_seq_length + self.question_tokens
-
-    def mod_model_config(self) -> ModelConfig:
-        return gamma_mod(self.model, self.placement, self.routing_ratio, self.mod_layers,
-                         inference_routing=self.inference_routing, masking=self.masking)
-
-
-def load_config(path: str | os.PathLike) -> BenchConfig:
-    from train.config import load_config_file
-
-    return load_config_file(path, BenchConfig)
-
 
 # ----------------------------------------------------------------------------------------------
 # Models and inputs
@@ -630,144 +545,6 @@ def _jsonable(obj):
     return obj
 
 
-def write_atomic(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def markers(section: str) -> tuple[str, str]:
-    return f"<!-- bench:{section}:start -->", f"<!-- bench:{section}:end -->"
-
-
-MARKDOWN_HEADER = ("# Benchmarks\n\nEvery section below is written by a benchmark command (named in the section) "
-                   "between its `<!-- bench:... -->` markers; do not edit by hand.\n")
-
-
-def replace_section(text: str | None, section: str, body: str) -> str:
-    """`text` with the section's marked block replaced (or appended); everything else unchanged."""
-    start, end = markers(section)
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    if not text:
-        return f"{MARKDOWN_HEADER}\n{block}\n"
-    i = text.find(start)
-    if i < 0:
-        return text.rstrip("\n") + "\n\n" + block + "\n"
-    j = text.find(end, i)
-    if j < 0:
-        raise ValueError(f"BENCHMARKS.md has {start} without {end}; fix the file by hand first")
-    return text[:i] + block + text[j + len(end):]
-
-
-def update_markdown(path: str | os.PathLike, section: str, body: str):
-    path = Path(path)
-    old = path.read_text() if path.exists() else None
-    write_atomic(path, replace_section(old, section, body))
-
-
-def _fmt(v, spec=".1f", none="–"):
-    return none if v is None else format(v, spec)
-
-
-def _gflop(a, x):
-    return f"{_fmt(a and a / 1e9, '.1f')} / {_fmt(x and x / 1e9, '.1f')}"
-
-
-def _ms(stats: dict | None):
-    if not stats:
-        return "–"
-    return f"{stats['median_ms']:.1f} [{stats['iqr_ms']:.1f}; {stats['min_ms']:.1f}]"
-
-
-def render_markdown(result: dict, command: str) -> str:
-    cfg, m = result["config"], result["machine"]
-    model, text, vision = cfg["model"], cfg["model"]["text"], cfg["model"]["vision"]
-    lines = [
-        f"## {cfg['title']}",
-        "",
-        f"Written by `{command}` on {result['date']}.",
-        "",
-        f"- **Machine**: {m['cpu']} ({m['cores_usable']} usable of {m['cores']} cores), JAX platform "
-        f"`{m['platform']}` ({m['device_kind']}); load average {m.get('load_avg_start')} at start, "
-        f"{m.get('load_avg_end')} at end. jax {m['jax']}, jaxlib {m['jaxlib']}, flax {m['flax']}, "
-        f"torch {m['torch']}, transformers {m['transformers']}.",
-        f"- **Model** (random weights, {model['dtype']}): LLaMA d={text['hidden_size']}, "
-        f"ffn={text['intermediate_size']}, {text['num_layers']} layers, {text['num_heads']} heads "
-        f"({text['num_kv_heads']} kv), vocab {text['vocab_size']}; CLIP d={vision['hidden_size']}, "
-        f"{vision['num_layers']} layers, {vision['image_size']}px/{vision['patch_size']} → "
-        f"{result['image_tokens']} image tokens; projector {model['projector']['type']}. "
-        f"γ-MoD layers {cfg['mod_layers_resolved']} ({len(cfg['mod_layers_resolved'])} of {text['num_layers']}, "
-        f"placement `{cfg['placement']}`), one shared router.",
-        f"- **Inputs**: {cfg['system_tokens']} system + {result['image_tokens']} image + {cfg['question_tokens']} "
-        f"question tokens = {cfg['seq_len']} per row (training: the last {cfg['answer_tokens']} are the answer).",
-        f"- **Routing**: {cfg['routing_rule']}, ratio {cfg['routing_ratio']}. Decode: {cfg['decode_rule']}.",
-        f"- **Timing**: AOT-compiled, {cfg['warmup']} warm-up run(s) dropped, then dense and MoD interleaved; "
-        f"cells are median [IQR; min] ms over the repeats; speedup = dense median / MoD median.",
-    ]
-    if result.get("torch"):
-        tinfo = result["torch"]
-        if "skipped" in tinfo:
-            lines.append(f"- **PyTorch baseline**: skipped ({tinfo['skipped']}).")
-        else:
-            lines.append(f"- **PyTorch baseline**: HF transformers {tinfo['transformers']} "
-                         f"`LlavaForConditionalGeneration`, {tinfo['dtype']}, attention `{tinfo['attention']}`, "
-                         f"{tinfo['threads']} threads, `inference_mode`, last-position logits, same dense weights "
-                         f"and inputs.")
-    lines += [
-        "",
-        "| case | B | T | dense ms | γ-MoD ms | speedup | FLOP bound | speedup / bound | skip | "
-        "GFLOP dense (analytic / XLA) | GFLOP γ-MoD (analytic / XLA) | compile s (dense / γ-MoD) | "
-        "torch dense ms | decode tok/s (dense / γ-MoD) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in result["cases"]:
-        if "skipped" in r:
-            lines.append(f"| {r['name']} | {r['batch']} | | skipped: {r['skipped']} | | | | | | | | | | |")
-            continue
-        tok = (f"{r['tokens_per_s_dense']:.1f} / {r['tokens_per_s_mod']:.1f}" if r["kind"] == "decode" else "–")
-        lines.append(
-            f"| {r['name']} | {r['batch']} | {r['seq_len']} | {_ms(r['dense_stats'])} | {_ms(r['mod_stats'])} | "
-            f"{_fmt(r['speedup'], '.2f')}× | {_fmt(r['flop_bound_speedup'], '.2f')}× | "
-            f"{_fmt(r['speedup_over_bound'], '.2f')} | {r['skip_ratio']:.3f} | "
-            f"{_gflop(r['dense_flops_analytic'], r['dense_flops_xla'])} | "
-            f"{_gflop(r['mod_flops_analytic'], r['mod_flops_xla'])} | "
-            f"{r['compile_s_dense']:.1f} / {r['compile_s_mod']:.1f} | "
-            f"{_ms(r.get('torch_dense_stats'))} | {tok} |")
-    if any(r.get("mfu_dense") is not None for r in result["cases"]):
-        lines += ["", "MFU (analytic FLOPs / time / bf16 peak "
-                  f"{_fmt(result.get('peak_tflops'), '.0f')} TFLOP/s): " + "; ".join(
-                      f"{r['name']} dense {100 * r['mfu_dense']:.1f}%, γ-MoD {100 * r['mfu_mod']:.1f}%"
-                      for r in result["cases"] if r.get("mfu_dense") is not None) + "."]
-    paper = result.get("paper_formula")
-    if paper:
-        lines += ["", f"The paper's TFLOPs formula (LLM decoder only, F(L)=8Ld²+4L²d+6Ld·d_ff, "
-                  f"{paper['n_dense']} dense + {paper['n_mod']} MoD layers) at L={paper['seq_len']}: dense "
-                  f"{paper['dense_tflops']:.4f}, γ-MoD at skip {paper['skip_ratio']:.3f} {paper['mod_tflops']:.4f} "
-                  f"TFLOPs ({paper['dense_tflops'] / paper['mod_tflops']:.2f}×)."]
-    lines += ["", "**How to read.** *FLOP bound* = analytic dense FLOPs / analytic γ-MoD FLOPs at the realised "
-              "skip ratio (vision tower, projector, every decoder layer with GQA widths, QKᵀ/AV over the "
-              "block-causal pairs the attention executes, router, lm_head on the last position for prefill and on all positions for training; "
-              "training = 3× forward for the trainable parts, 1× for the frozen tower): the speedup a perfect "
-              "implementation would reach. *speedup / bound* near 1 means routing overhead (router, top-k, "
-              "gather/scatter) costs nothing measurable; well below 1 means it does. *skip* = tokens not "
-              "processed / tokens entering, over all MoD layers (decode rows: over decode tokens). XLA FLOPs "
-              "come from XLA's cost analysis of a fully unrolled twin of each program and include elementwise "
-              "ops the analytic count leaves out (a few % above it); decode loops have no XLA count (a "
-              "data-dependent while loop). Decode tok/s = batch × (new tokens − 1) / decode-loop time (the "
-              "first new token comes from the prefill); at batch 1 a MoD layer really skips its compute for a "
-              "token whose keep-prob is below the decode threshold, at larger batches rows are masked, so "
-              "only shorter MoD-layer KV caches save work. The PyTorch column is HF eager-mode Python, a "
-              "reference point, not a tuned baseline. Timings on a shared machine are noisy: compare ratios "
-              "within one run, and check the load average above."]
-    return "\n".join(lines) + "\n"
-
-
 # ----------------------------------------------------------------------------------------------
 # Main
 
@@ -798,7 +575,7 @@ def run(config: BenchConfig, only: tuple[str, ...] = (), on_case: Callable[[list
             _log(f"  skipped: {row['skipped']}")
         else:
             _log(f"  dense {row['dense_ms']:.1f} ms, γ-MoD {row['mod_ms']:.1f} ms, speedup "
-                 f"{_fmt(row['speedup'], '.2f')} (bound {_fmt(row['flop_bound_speedup'], '.2f')}), skip "
+                 f"{fmt(row['speedup'], '.2f')} (bound {fmt(row['flop_bound_speedup'], '.2f')}), skip "
                  f"{row['skip_ratio']:.3f} [{time.perf_counter() - t_case:.0f} s]")
     torch_info = None
     if config.torch_baseline:
@@ -863,7 +640,7 @@ def main(argv=None) -> int:
         return 0
     if not args.config or not args.json:
         p.error("--config and --json are required (unless --from-json)")
-    from train.config import OverrideError, apply_overrides
+    from gmod_jax.config_files import OverrideError, apply_overrides
 
     try:
         config = apply_overrides(load_config(args.config), args.set)
@@ -880,21 +657,13 @@ def main(argv=None) -> int:
 
     def save_partial(rows):
         partial = {"partial": True, "command": command, "config": _jsonable(config), "cases": _jsonable(rows)}
-        write_atomic(Path(args.json), json.dumps(partial, indent=2) + "\n")
+        write_text_atomic(Path(args.json), json.dumps(partial, indent=2) + "\n")
 
     result = run(config, tuple(args.only), save_partial)
     result["command"] = command
-    write_atomic(Path(args.json), json.dumps(result, indent=2) + "\n")
+    write_text_atomic(Path(args.json), json.dumps(result, indent=2) + "\n")
     _log(f"wrote {args.json}")
     if args.markdown:
         update_markdown(args.markdown, config.section, render_markdown(result, result["command"]))
         _log(f"updated section '{config.section}' of {args.markdown}")
     return 0
-
-
-if __name__ == "__main__":
-    # Run through the importable module so config files (which import gmod_jax.bench) and this
-    # entry point share one BenchConfig class.
-    from gmod_jax.bench import main as _main
-
-    sys.exit(_main())

@@ -11,13 +11,13 @@ through the same library code (only the data and the model are small):
   tokenizer   a LLaMA-style SentencePiece model trained on the training text
   tfds        the training data pre-tokenised into a TFDS ArrayRecord dataset (what training reads)
   vision      the vision tower trained on its own to label the scene under each patch, standing
-              in for CLIP's pretraining (there is no CLIP to download; `gmod_jax.demo_vision`)
+              in for CLIP's pretraining (there is no CLIP to download; `gmod_jax.demo.vision`)
   pretrain    a tiny LLaVA (that tower, a random LLM) trained on the captions with the `plain`
               template, as LLaVA's stage 1 (with the LLM trained too: it starts from scratch);
               `train.loop.run`, exported as a gmod-jax checkpoint
   dense       instruction tuning of that model on the questions (vicuna_v1), the vision tower
               frozen as in LLaVA's stage 2: the dense model γ-MoD starts from
-  arank       ARank per decoder layer on held-out samples (`gmod_jax.arank_cli`)
+  arank       ARank per decoder layer on held-out samples (`gmod_jax.arank.cli`)
   adapt       dense -> γ-MoD with the ARank layer list (`convert.to_mod.adapt`)
   mod_ft      stage 2 with masked routing learning and the routing loss
   dense_ft    the dense baseline fine-tuned with the same budget
@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -52,7 +51,8 @@ import numpy as np
 
 from gmod_jax.config import ModelConfig
 from gmod_jax.data.synthetic import SyntheticConfig
-from gmod_jax.demo_vision import VisionPretrainConfig
+from gmod_jax.demo.report import read_metrics
+from gmod_jax.demo.vision import VisionPretrainConfig
 from train.config import TrainConfig
 
 log = logging.getLogger("gmod_jax.demo")
@@ -81,7 +81,7 @@ class DemoConfig:
     # LLaVA stage-1 style captioning (plain template) before `dense_train`; None = no such phase
     pretrain: TrainConfig | None = None
     # The vision tower's own pretraining before everything else, standing in for CLIP's
-    # (`gmod_jax.demo_vision`); None = the LLaVA stages start from a random tower
+    # (`gmod_jax.demo.vision`); None = the LLaVA stages start from a random tower
     vision_pretrain: VisionPretrainConfig | None = None
     synthetic: SyntheticConfig = SyntheticConfig()
     num_train: int = 8000  # training images (each with 1..max_turns questions)
@@ -128,7 +128,7 @@ class DemoConfig:
 
 def load_config(path: str | os.PathLike | None = None) -> DemoConfig:
     """Import a demo config file (configs/demo*.py) and call its `get_config()`."""
-    from train.config import load_config_file
+    from gmod_jax.config_files import load_config_file
 
     return load_config_file(path if path is not None else DEFAULT_CONFIG, DemoConfig)
 
@@ -346,20 +346,6 @@ def training_stage(stages: Stages, name: str, train_cfg: TrainConfig, workdir: P
                                           stages.key(name, train_cfg, deps)), deps=deps)
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """Training metrics JSONL, one record per logged step (last record wins for a step, so a
-    resumed run's overlap is not drawn twice)."""
-    if not path.is_file():
-        return []
-    by_step: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            if "loss" in rec:
-                by_step[int(rec["step"])] = rec
-    return [by_step[s] for s in sorted(by_step)]
-
-
 def eval_stage(ckpt: Path, paths: Paths, out: Path, cfg: DemoConfig, bucket: int, mode: str = "inference",
                name: str | None = None) -> dict:
     """Held-out accuracy etc. through the evaluation CLI's runner (GQA format and scoring)."""
@@ -567,7 +553,7 @@ def prepare(cfg: DemoConfig, root: Path, stages: Stages) -> Prepared:
     init = None
     if cfg.vision_pretrain is not None:
         def make_vision():
-            from gmod_jax.demo_vision import vision_stage
+            from gmod_jax.demo.vision import vision_stage
 
             d = data.result
             return vision_stage(model_cfg, cfg.vision_pretrain, cfg.synthetic, Path(d["train_json"]),
@@ -591,7 +577,7 @@ def prepare(cfg: DemoConfig, root: Path, stages: Stages) -> Prepared:
 
     def make_arank():
         import gmod_jax
-        from gmod_jax import arank_cli
+        from gmod_jax.arank import cli as arank_cli
         from gmod_jax.data.llava_json import read_records
 
         model = gmod_jax.load(str(paths.ckpt("dense")))
@@ -634,7 +620,7 @@ def layers_with_tie_break(arank_mean, num_dense: int) -> tuple[list[int], bool]:
 
 def adapt_stage(prep: Prepared, out: Path, layers, seed: int, **mod_kw) -> dict:
     """`convert.to_mod.adapt` of the dense checkpoint, saved with its tokenizer."""
-    from convert.orbax_io import load_checkpoint, save_checkpoint
+    from gmod_jax.checkpoint import load_checkpoint, save_checkpoint
     from convert.to_mod import adapt
 
     config, params = load_checkpoint(prep.paths.ckpt("dense"))
@@ -703,7 +689,7 @@ def run_demo(cfg: DemoConfig, workdir: str | os.PathLike, rerun: tuple[str, ...]
                        lambda: speed_stage(paths.ckpt("mod_ft"), paths, cfg, bucket), deps=("mod_ft",))
 
     # report
-    from gmod_jax.demo_report import write_report
+    from gmod_jax.demo.report import write_report
 
     total = time.perf_counter() - t_start
     summary = {
@@ -754,7 +740,7 @@ def check_criteria(cfg: DemoConfig, s: dict) -> list[dict]:
 
 def main(argv=None, config: DemoConfig | None = None, echo: Callable[[str], None] = print) -> dict:
     """CLI entry; `config` (tests) replaces the config file. Returns the run summary."""
-    from train.config import OverrideError, apply_overrides
+    from gmod_jax.config_files import OverrideError, apply_overrides
 
     ap = argparse.ArgumentParser(prog="python -m gmod_jax.demo", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -774,12 +760,3 @@ def main(argv=None, config: DemoConfig | None = None, echo: Callable[[str], None
     except (OverrideError, ValueError, TypeError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     return run_demo(cfg, args.workdir, tuple(args.rerun), echo)
-
-
-if __name__ == "__main__":
-    # Run the imported module's main: config files import `gmod_jax.demo.DemoConfig`, which is a
-    # different class from this `__main__` module's.
-    from gmod_jax import demo
-
-    demo.main()
-    sys.exit(0)

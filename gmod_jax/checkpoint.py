@@ -45,8 +45,8 @@ def _save_context(ocp):
     """Orbax options that keep a save's extra memory near zero.
 
     By default Orbax deep-copies host arrays before its (here synchronous) write and zstd-
-    compresses chunks; measured on a 1.9 GB bf16 model that doubled the batch in RAM and left
-    ~1 GB of compression buffers resident, while saving <10% disk on weights. Both are off.
+    compresses chunks: that doubles a batch in RAM and leaves compression buffers resident while
+    saving little disk on weights (measured in docs/benchmarks.md). Both are off.
     """
     ctx = ocp.Context()
     ctx.array.saving.use_compression = False
