@@ -29,6 +29,7 @@ import numpy as np
 
 from convert.errors import ConversionError, UnsupportedFormatError
 from convert.readers import CheckpointReader, TensorEntry
+from gmod_jax import param_layout
 from gmod_jax.config import ModelConfig
 
 LAYOUTS = {
@@ -100,67 +101,35 @@ class Target:
 
 
 def expected_keys(config: ModelConfig) -> dict[str, Target]:
-    """Every canonical key a checkpoint of `config` must contain (router excluded, see `router_target`)."""
-    v, t = config.vision, config.text
+    """Every canonical key a checkpoint of `config` must contain, in PyTorch module order (router
+    excluded, see `router_target`); read off `gmod_jax.param_layout`, the tree's one declaration."""
     keys: dict[str, Target] = {}
+    layer_counts = {"vision": config.vision.num_layers, "llm": config.text.num_layers}
+    stacked: list[param_layout.Leaf] = []
 
-    def add(name, path, shape, kind="copy", layer=None, heads=0, head_dim=0):
-        keys[name] = Target(tuple(path.split("/")), layer, kind, tuple(shape), heads, head_dim)
+    def add_stacked():
+        # A tower's stacked leaves go layer by layer, as the PyTorch modules are ordered.
+        for n in range(layer_counts[stacked[0].row.stack] if stacked else 0):
+            for leaf in stacked:
+                add(leaf, n)
+        stacked.clear()
 
-    dv, fv, hv, hdv = v.hidden_size, v.intermediate_size, v.num_heads, v.head_dim
-    p = "vision_tower."
-    add(p + "embeddings.patch_embedding.weight", "vision/patch_embed/kernel",
-        (dv, v.num_channels, v.patch_size, v.patch_size), "conv")
-    add(p + "embeddings.class_embedding", "vision/cls", (dv,))
-    add(p + "embeddings.position_embedding.weight", "vision/pos_embed", (v.num_patches + 1, dv))
-    for ln, name in (("pre_layrnorm", "pre_ln"), ("post_layernorm", "post_ln")):
-        add(f"{p}{ln}.weight", f"vision/{name}/scale", (dv,))
-        add(f"{p}{ln}.bias", f"vision/{name}/bias", (dv,))
-    for n in range(v.num_layers):
-        q = f"{p}encoder.layers.{n}."
-        for ln in ("1", "2"):
-            add(f"{q}layer_norm{ln}.weight", f"vision/layers/ln{ln}/scale", (dv,), layer=n)
-            add(f"{q}layer_norm{ln}.bias", f"vision/layers/ln{ln}/bias", (dv,), layer=n)
-        for proj in "qkv":
-            add(f"{q}self_attn.{proj}_proj.weight", f"vision/layers/attn/{proj}/kernel", (hv * hdv, dv),
-                "heads_in", n, hv, hdv)
-            add(f"{q}self_attn.{proj}_proj.bias", f"vision/layers/attn/{proj}/bias", (hv * hdv,),
-                "head_bias", n, hv, hdv)
-        add(f"{q}self_attn.out_proj.weight", "vision/layers/attn/o/kernel", (dv, hv * hdv), "heads_out", n, hv, hdv)
-        add(f"{q}self_attn.out_proj.bias", "vision/layers/attn/o/bias", (dv,), layer=n)
-        add(f"{q}mlp.fc1.weight", "vision/layers/fc1/kernel", (fv, dv), "linear", n)
-        add(f"{q}mlp.fc1.bias", "vision/layers/fc1/bias", (fv,), layer=n)
-        add(f"{q}mlp.fc2.weight", "vision/layers/fc2/kernel", (dv, fv), "linear", n)
-        add(f"{q}mlp.fc2.bias", "vision/layers/fc2/bias", (dv,), layer=n)
+    def add(leaf: param_layout.Leaf, layer: int | None):
+        heads, head_dim = leaf.row.heads(config) if leaf.row.heads else (0, 0)
+        name = leaf.torch_key if layer is None else leaf.torch_key.replace("{n}", str(layer))
+        keys[name] = Target(tuple(leaf.path.split("/")), layer, leaf.row.transform, leaf.torch_shape(config),
+                            heads, head_dim)
 
-    d, f, h, kv, hd = t.hidden_size, t.intermediate_size, t.num_heads, t.num_kv_heads, t.head_dim
-    d_in = dv * len(v.feature_layers)
-    for i in range(1, config.projector.depth + 1):
-        add(f"multi_modal_projector.linear_{i}.weight", f"projector/fc{i}/kernel", (d, d_in if i == 1 else d), "linear")
-        if config.projector.bias:
-            add(f"multi_modal_projector.linear_{i}.bias", f"projector/fc{i}/bias", (d,))
-
-    add("language_model.embed_tokens.weight", "llm/embed", (t.vocab_size, d))
-    for n in range(t.num_layers):
-        q = f"language_model.layers.{n}."
-        add(q + "input_layernorm.weight", "llm/layers/attn_norm/scale", (d,), layer=n)
-        add(q + "post_attention_layernorm.weight", "llm/layers/mlp_norm/scale", (d,), layer=n)
-        for proj, nh in (("q", h), ("k", kv), ("v", kv)):
-            add(f"{q}self_attn.{proj}_proj.weight", f"llm/layers/attn/{proj}/kernel", (nh * hd, d), "heads_in",
-                n, nh, hd)
-            if t.attention_bias:
-                add(f"{q}self_attn.{proj}_proj.bias", f"llm/layers/attn/{proj}/bias", (nh * hd,), "head_bias",
-                    n, nh, hd)
-        add(q + "self_attn.o_proj.weight", "llm/layers/attn/o/kernel", (d, h * hd), "heads_out", n, h, hd)
-        if t.attention_bias:
-            add(q + "self_attn.o_proj.bias", "llm/layers/attn/o/bias", (d,), layer=n)
-        for proj, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
-            add(f"{q}mlp.{proj}_proj.weight", f"llm/layers/mlp/{proj}/kernel", shape, "linear", n)
-            if t.mlp_bias:
-                add(f"{q}mlp.{proj}_proj.bias", f"llm/layers/mlp/{proj}/bias", (shape[0],), layer=n)
-    add("language_model.norm.weight", "llm/final_norm/scale", (d,))
-    if not t.tie_word_embeddings:
-        add("lm_head.weight", "llm/lm_head/kernel", (t.vocab_size, d), "linear")
+    for leaf in param_layout.leaves(config):
+        if leaf.torch_key is None:
+            continue
+        if stacked and leaf.row.stack != stacked[0].row.stack:
+            add_stacked()
+        if leaf.row.stack:
+            stacked.append(leaf)
+        else:
+            add(leaf, None)
+    add_stacked()
     return keys
 
 
@@ -170,14 +139,7 @@ def router_target(config: ModelConfig) -> Target:
 
 def leaf_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Shape of every Flax leaf (stacked leaves get the leading layer axis)."""
-    shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
-    counts = {"vision": config.vision.num_layers, "llm": config.text.num_layers}
-    for target in expected_keys(config).values():
-        lead = (counts[target.path[0]],) if target.layer is not None else ()
-        shapes[target.path] = lead + target.flax_shape
-    if config.mod.enabled:
-        shapes[router_target(config).path] = router_target(config).flax_shape
-    return shapes
+    return {tuple(path.split("/")): shape for path, shape in param_layout.shapes(config).items()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,9 +3,9 @@
 The mesh has three axes: `data` (pure data parallelism: params replicated), `fsdp` (data
 parallelism with params, grads and optimizer state sharded ZeRO-3 style) and `tensor`
 (Megatron-style splitting of heads / MLP width / vocabulary). Model code never names mesh
-axes: params get logical axis names from `PARAM_AXES` (regexes over `llm/layers/attn/q/kernel`
-style paths, docs/param_layout.md) and `LOGICAL_RULES` maps those names to mesh axes, so
-re-sharding is an edit of one table. The mesh uses `AxisType.Auto`: we annotate params and the
+axes: params get logical axis names from their rows in `gmod_jax.param_layout` (the one
+declaration of the tree) and `LOGICAL_RULES` maps those names to mesh axes, so re-sharding is an
+edit of one table. The mesh uses `AxisType.Auto`: we annotate params and the
 batch and let GSPMD/Shardy propagate shardings through the (unannotated) model code.
 """
 
@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any, Iterable, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from gmod_jax import param_layout
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -36,45 +37,6 @@ LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("length", ()),  # sequence axis stays whole: MoD gather/scatter is then device-local
     ("norm", ()),  # norm scales and other small vectors: replicated
 )
-
-# Param path regex -> logical axes of each dimension. First match wins. `None` replicates the
-# whole leaf (whatever its rank). Paths are '/'-joined dict keys (docs/param_layout.md).
-PARAM_AXES: tuple[tuple[str, tuple[str | None, ...] | None], ...] = (
-    # LLaMA decoder
-    (r"^llm/embed$", ("vocab", "embed")),
-    (r"^llm/lm_head/kernel$", ("embed", "vocab")),
-    (r"^llm/final_norm/scale$", ("norm",)),
-    (r"^llm/mod_router/kernel$", None),  # [D, 2] or [n_mod, D, 2]: tiny, replicated
-    (r"^llm/layers/(attn_norm|mlp_norm)/scale$", ("layers", "norm")),
-    (r"^llm/layers/attn/q/kernel$", ("layers", "embed", "heads", "head_dim")),
-    (r"^llm/layers/attn/(k|v)/kernel$", ("layers", "embed", "kv_heads", "head_dim")),
-    (r"^llm/layers/attn/q/bias$", ("layers", "heads", "head_dim")),
-    (r"^llm/layers/attn/(k|v)/bias$", ("layers", "kv_heads", "head_dim")),
-    (r"^llm/layers/attn/o/kernel$", ("layers", "heads", "head_dim", "embed")),
-    (r"^llm/layers/attn/o/bias$", ("layers", "embed")),
-    (r"^llm/layers/mlp/(gate|up)/kernel$", ("layers", "embed", "mlp")),
-    (r"^llm/layers/mlp/(gate|up)/bias$", ("layers", "mlp")),
-    (r"^llm/layers/mlp/down/kernel$", ("layers", "mlp", "embed")),
-    (r"^llm/layers/mlp/down/bias$", ("layers", "embed")),
-    # multimodal projector: Megatron pairs (column- then row-parallel)
-    (r"^projector/fc1/kernel$", ("embed", "mlp")),
-    (r"^projector/fc\d+/kernel$", ("mlp", "embed")),
-    (r"^projector/fc\d+/bias$", None),
-    # CLIP vision tower (same layer layout as the decoder, LayerNorms with biases)
-    (r"^vision/patch_embed/kernel$", (None, None, None, "embed")),
-    (r"^vision/pos_embed$", (None, "embed")),
-    (r"^vision/(cls|pre_ln/.*|post_ln/.*)$", None),
-    (r"^vision/layers/(ln1|ln2)/(scale|bias)$", ("layers", "norm")),
-    (r"^vision/layers/attn/(q|k|v)/kernel$", ("layers", "embed", "heads", "head_dim")),
-    (r"^vision/layers/attn/(q|k|v)/bias$", ("layers", "heads", "head_dim")),
-    (r"^vision/layers/attn/o/kernel$", ("layers", "heads", "head_dim", "embed")),
-    (r"^vision/layers/attn/o/bias$", ("layers", "embed")),
-    (r"^vision/layers/fc1/kernel$", ("layers", "embed", "mlp")),
-    (r"^vision/layers/fc1/bias$", ("layers", "mlp")),
-    (r"^vision/layers/fc2/kernel$", ("layers", "mlp", "embed")),
-    (r"^vision/layers/fc2/bias$", ("layers", "embed")),
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -128,15 +90,9 @@ def path_str(path) -> str:
 
 
 def param_logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
-    """Logical axes of a param leaf from `PARAM_AXES` (unknown paths are replicated)."""
-    for pattern, axes in PARAM_AXES:
-        if re.search(pattern, path):
-            if axes is None:
-                return (None,) * ndim
-            if len(axes) != ndim:
-                raise ValueError(f"param {path!r} has rank {ndim} but PARAM_AXES gives {axes}")
-            return axes
-    return (None,) * ndim
+    """Logical axes of a param leaf, from its row in `gmod_jax.param_layout`. A leaf without a
+    row raises `param_layout.UnannotatedParam` instead of being silently replicated."""
+    return param_layout.logical_axes(path, ndim)
 
 
 def logical_to_spec(logical_axes: Iterable[str | None], shape: Sequence[int], axis_sizes: dict[str, int],
