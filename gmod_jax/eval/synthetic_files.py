@@ -338,7 +338,7 @@ def _seed(out: Path, n: int, rng: random.Random) -> dict:
                                             f"C. {options[2]}\nD. {options[3]}\n"
                                             f"{LETTER_ANSWER_SUFFIX}",
                       "category": [k for k, v in SEED_TYPES.items() if v == tid][0],
-                      "question_id": qid})
+                      "question_id": int(qid)})  # LLaVA's file: int, SEED's: str
     return {"question_file": _jsonl(out / "llava-seed-bench.jsonl", lines),
             "annotation_file": _json(out / "SEED-Bench.json",
                                      {"question_type": SEED_TYPES, "questions": questions}),
