@@ -19,10 +19,14 @@ Prompt dict (what ``generate_fn`` receives)::
 Decoding lengths: ``MAX_NEW_TOKENS[name]`` records γ-MoD's evaluation code and LLaVA-1.5's;
 benchmarks default to γ-MoD's (``decoding="gamma_mod"``).
 
-Unanswered questions are scored as wrong everywhere (a partial run cannot inflate a score);
-to score a subset, build the benchmark with ``limit=``. Every score reports ``n_missing``.
-The official TextVQA / POPE / MME scripts iterate over the answers instead (identical once
-every question is answered).
+Scoring follows each benchmark's official scorer at the revision
+:data:`metrics.OFFICIAL_SCORERS` names; the headline equals that script's number on the
+files written here (tests/test_eval_official.py). Unanswered questions are scored as wrong
+everywhere (a partial run cannot inflate a score); to score a subset, build the benchmark
+with ``limit=``. Every score reports ``n_missing``. The official scripts instead refuse
+such a file, skip the question or pair labels by position (identical once every question
+is answered); this and the other deliberate deviations are listed in
+:data:`metrics.DELIBERATE_DEVIATIONS`.
 """
 
 from __future__ import annotations
@@ -394,6 +398,9 @@ class ScienceQA(Benchmark):
                 "meta": {"source_id": pid}}
 
     def _score(self, answers):
+        # Deliberate deviation: an unanswered image question stays in the IMG denominator.
+        # eval_science_qa.py gives it the prompt "Unknown", which has no "<image>", so it
+        # drops out of the IMG count there (metrics.DELIBERATE_DEVIATIONS).
         right, img_right, failed = [], [], 0
         for it in self.items:
             prob = self.problems[it["question_id"]]
