@@ -295,11 +295,56 @@ def _mmmu_parse_mc(response, all_choices, index2ans):
     return cands[pos.index(max(pos))]
 
 
+def _mmmu_norm(text):
+    # eval_utils.normalize_str
+    text = text.strip()
+    try:
+        return [round(float(text.replace(",", "")), 2)]
+    except ValueError:
+        text = text.lower()
+        return [" " + text, text + " "] if len(text) == 1 else [text]
+
+
+def _mmmu_parse_open(response):
+    # eval_utils.parse_open_response: shortest tail after an indicator, per sub-response
+    response = response.strip().strip(".").lower()
+    parts = re.split(r"\.\s(?=[A-Z])|\n", response)
+    indicators = ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ",
+                  "result "]
+    keys = []
+    for n, part in enumerate(parts):
+        if n == len(parts) - 1:
+            indicators = indicators + ["="]
+        tails = [part.split(ind)[-1].strip() for ind in indicators if ind in part]
+        best = None
+        for t in tails:  # the first shortest one, as the official loop keeps it
+            if not best or len(t) < len(best):
+                best = t
+        if best and best.strip() not in (":", ",", ".", "!", "?", ";", "'"):
+            keys.append(best)
+    keys = keys or [response]
+    found = list(keys)
+    for k in keys:
+        found += re.findall(r"-?\b\d{1,3}(?:,\d{3})+\b", k)
+        found += re.findall(r"-?\d+(?:\.\d+)?[eE][+-]?\d+", k)
+        found += re.findall(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])", k)
+    return list({v for f in found for v in _mmmu_norm(f)})
+
+
+def _mmmu_eval_open(gold, preds):
+    golds = [v for g in (gold if isinstance(gold, list) else [gold]) for v in _mmmu_norm(g)]
+    for p in preds:
+        if isinstance(p, str):
+            if any(isinstance(g, str) and g in p for g in golds):
+                return True
+        elif p in golds:
+            return True
+    return False
+
+
 def official_mmmu(kw, files):
     """Gamma-MOD model_mmmu.run_model (the draws; MMMU eval_utils seeds 42 at import) on the
-    harness's raw answers, then MMMU main_eval_only (over the questions in its output).
-    Open-question parsing and matching use metrics' mmmu_parse_open / mmmu_eval_open (hand
-    checked in test_eval_metrics.py): no draw or order question arises there."""
+    harness's raw answers, then MMMU main_eval_only (over the questions in its output)."""
     answers = {a["question_id"]: a["text"] for a in _jsonl(files["llava_answers"])}
     records = B._read_records(kw["data_file"])
 
@@ -338,7 +383,7 @@ def official_mmmu(kw, files):
         if rec["question_type"] == "multiple-choice":
             right.append(pred == rec["answer"])
         else:
-            right.append(M.mmmu_eval_open(rec["answer"], M.mmmu_parse_open(pred)))
+            right.append(_mmmu_eval_open(rec["answer"], _mmmu_parse_open(pred)))
     return 100 * sum(right) / len(right)
 
 
@@ -403,7 +448,8 @@ def _variants(name: str) -> list:
                     "A car is shown here", lambda o: f"I think the answer is {o} because",
                     "Cannot determine the answer", "blue"],
         "mmmu": [same, lambda o: f"({o})", "???", "it is green", "", lambda o: o + ".",
-                 "I am quite sure that it is the blue one"],
+                 "I am quite sure that it is the blue one", lambda o: f"x = 1 + {o}",
+                 lambda o: f"So the result is {o}.00", "1,000"],
         "seed": [same, lambda o: " " + o, lambda o: o + ".", lambda o: f"({o})", ""],
         "vqav2": [same, styled, "Two", "the red", "dont know", "", "1,000", "gray."],
         "vizwiz": [same, styled, "Unanswerable", "unanswerable.", "the gray", "", "Gray!"],
@@ -546,6 +592,18 @@ def test_vqa_rules_match_restatements_on_random_inputs():
         assert M.normalize_answer(pred) == _evalai(pred)
 
 
+def test_mmmu_open_parsing_matches_restatement():
+    replies = ["The answer is 3.5", "1,000", "x = 40 + 2 = 42", "Paris", "a", "banana",
+               "So it is 2.5e3. Thus the final answer is -7", "it could be 12.75 or so 13",
+               "The result is 4.\nHence 5", "42.", "", "1.005"]
+    golds = ["3.50", "1000", "42", "paris", "a", "-7", "13", "4", "5", "1.0", ["x", "42"]]
+    for r in replies:
+        assert sorted(map(str, M.mmmu_parse_open(r))) == sorted(map(str, _mmmu_parse_open(r)))
+        for g in golds:
+            assert M.mmmu_eval_open(g, M.mmmu_parse_open(r)) == \
+                _mmmu_eval_open(g, _mmmu_parse_open(r)), (r, g)
+
+
 # ------------------------------------------------------------------ MMBench (VLMEvalKit)
 
 CHOICES = {"A": "red", "B": "green", "C": "blue", "D": "yellow"}
@@ -669,3 +727,29 @@ def test_every_benchmark_names_its_official_scorer():
     for repo, revision, files in M.OFFICIAL_SCORERS.values():
         assert repo and revision and files
     assert all(isinstance(d, str) and d for d in M.DELIBERATE_DEVIATIONS)
+
+
+def test_pope_category_without_yes_is_a_documented_deviation(bench_files, tmp_path):
+    kw = bench_files("pope", n=4)
+    bench = B.load_benchmark("pope", **kw)
+    answers = {q: "No" for q in bench.oracle_answers()}
+    files = _write_files(bench, answers, tmp_path, "pope")
+    with pytest.raises(ZeroDivisionError):  # eval_pope.py: precision = TP / (TP + FP)
+        official_pope(kw, files)
+    s = bench.score(answers)
+    assert s.headline == 0.0
+    for cat in s.metrics["per_category"].values():
+        assert (cat["precision"], cat["f1"], cat["accuracy"]) == (0.0, 0.0, 50.0)
+
+
+def test_gqa_scores_balanced_questions_only(bench_files, tmp_path):
+    kw = dict(bench_files("gqa"))
+    anns = _json(kw["annotation_file"])
+    unbalanced = sorted(anns)[0]
+    anns[unbalanced]["isBalanced"] = False
+    kw["annotation_file"] = tmp_path / "questions.json"
+    kw["annotation_file"].write_text(json.dumps(anns), encoding="utf-8")
+    bench = B.load_benchmark("gqa", **kw)
+    answers = dict(bench.oracle_answers(), **{unbalanced: "wrong"})
+    headline, official = _harness_vs_official("gqa", kw, answers, tmp_path / "out")
+    assert headline == official == 100.0

@@ -308,6 +308,8 @@ class GQA(Benchmark):
         per_sem: dict[str, list[bool]] = defaultdict(list)
         for it in self.items:
             q = self.annotations[it["question_id"]]
+            if not q.get("isBalanced", True):
+                continue  # GQA's eval.py scores the balanced questions only
             pred = answers.get(it["question_id"])
             ok = pred is not None and M.gqa_correct(pred, q["answer"])
             right.append(ok)
