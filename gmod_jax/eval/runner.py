@@ -102,7 +102,8 @@ ground truth is given, otherwise only the submission files are written):
 
 Any other constructor option of gmod_jax.eval.benchmarks: --bench-arg KEY=VALUE (VALUE is
 parsed as JSON when it parses, e.g. --bench-arg parse_rule='"llava"' for SQA, --bench-arg
-parse='"letter"' for SEED, --bench-arg image_only=false).
+parse='"letter"' for SEED, --bench-arg vqa_rule='"vqa"' for VizWiz scored with
+GT-Vision-Lab's vqaEval.py instead of the VizWiz API, --bench-arg image_only=false).
 
 outputs in --out: answers.jsonl (resumable; one line per question with routing statistics),
 run.json, llava_answers.jsonl, the benchmark's submission file, metrics.json; a row in
