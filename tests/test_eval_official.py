@@ -141,7 +141,8 @@ def official_sqa(kw, files, rule="llava_hr"):
 
 
 def official_textvqa(kw, files):
-    anns = {(a["image_id"], a["question"].lower()): a for a in _json(kw["annotation_file"])["data"]}
+    data = _json(kw["annotation_file"])["data"]
+    anns = {(a["image_id"], a["question"].lower()): a for a in data}
     scores = []
     for r in _jsonl(files["llava_answers"]):
         lines = r["prompt"].split("\n")
@@ -516,7 +517,8 @@ def test_vizwiz_gt_vision_lab_rule_on_request(bench_files):
     anns = {a["image"]: a for a in _json(kw["annotation_file"])}
     expected = []
     for it in bench.items:  # each human answer its own voter: give them distinct ids
-        recs = [dict(a, answer_id=k) for k, a in enumerate(anns[it["meta"]["image_name"]]["answers"])]
+        humans = anns[it["meta"]["image_name"]]["answers"]
+        recs = [dict(a, answer_id=k) for k, a in enumerate(humans)]
         expected.append(vqaeval_2021(_evalai(answers[it["question_id"]]), recs))
     assert bench.score(answers).headline == pytest.approx(100 * sum(expected) / len(expected))
     with pytest.raises(ValueError, match="vqa_rule"):
