@@ -20,6 +20,7 @@ from gmod_jax.eval import benchmarks as B
 from gmod_jax.eval.results import LABELS, ResultsTable
 from gmod_jax.eval.runner import ANSWERS_FILE, LLAVA_ANSWERS_FILE, METRICS_FILE, main
 from tests.support.eval_files import write_benchmark_files
+from tests.test_eval_official import official_headline
 from tests.tiny_checkpoint import make_tiny_checkpoint
 
 FAST = ["--batch-size", "4", "--prompt-buckets", "384", "--max-new-tokens", "3", "--no-progress"]
@@ -132,6 +133,8 @@ def test_cli_every_benchmark(ckpt, files, tmp_path, name):
     _check_submission(name, Path(m["files"]["submission"]), bench, answers)
     assert m["benchmark"] == name and m["n_answered"] == n and m["max_new_tokens"] == 3
     assert m["score"]["metrics"]["n_missing"] == 0
+    # the headline is the official scorer's number on the files this run wrote
+    assert m["score"]["headline"] == pytest.approx(official_headline(name, kw, m["files"]))
     skip = m["skip"]["prefill_skip_ratio"]
     kept = sum(sum(a["prefill_kept"]) for a in answers)
     entering = sum(sum(a["prefill_tokens"]) for a in answers)

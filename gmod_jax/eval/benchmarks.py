@@ -19,10 +19,14 @@ Prompt dict (what ``generate_fn`` receives)::
 Decoding lengths: ``MAX_NEW_TOKENS[name]`` records γ-MoD's evaluation code and LLaVA-1.5's;
 benchmarks default to γ-MoD's (``decoding="gamma_mod"``).
 
-Unanswered questions are scored as wrong everywhere (a partial run cannot inflate a score);
-to score a subset, build the benchmark with ``limit=``. Every score reports ``n_missing``.
-The official TextVQA / POPE / MME scripts iterate over the answers instead (identical once
-every question is answered).
+Scoring follows each benchmark's official scorer at the revision
+:data:`metrics.OFFICIAL_SCORERS` names; the headline equals that script's number on the
+files written here (tests/test_eval_official.py). Unanswered questions are scored as wrong
+everywhere (a partial run cannot inflate a score); to score a subset, build the benchmark
+with ``limit=``. Every score reports ``n_missing``. The official scripts instead refuse
+such a file, skip the question or pair labels by position (identical once every question
+is answered); this and the other deliberate deviations are listed in
+:data:`metrics.DELIBERATE_DEVIATIONS`.
 """
 
 from __future__ import annotations
@@ -304,6 +308,8 @@ class GQA(Benchmark):
         per_sem: dict[str, list[bool]] = defaultdict(list)
         for it in self.items:
             q = self.annotations[it["question_id"]]
+            if not q.get("isBalanced", True):
+                continue  # GQA's eval.py scores the balanced questions only
             pred = answers.get(it["question_id"])
             ok = pred is not None and M.gqa_correct(pred, q["answer"])
             right.append(ok)
@@ -394,6 +400,9 @@ class ScienceQA(Benchmark):
                 "meta": {"source_id": pid}}
 
     def _score(self, answers):
+        # Deliberate deviation: an unanswered image question stays in the IMG denominator.
+        # eval_science_qa.py gives it the prompt "Unknown", which has no "<image>", so it
+        # drops out of the IMG count there (metrics.DELIBERATE_DEVIATIONS).
         right, img_right, failed = [], [], 0
         for it in self.items:
             prob = self.problems[it["question_id"]]
@@ -490,10 +499,13 @@ class TextVQA(Benchmark):
 # ----------------------------------------------------------------------------------------
 
 class _VQAScored(Benchmark):
-    """vqaEval.py scoring (official 10-answer rule on the EvalAI-processed answer, per answer
-    type) shared by VQAv2 and VizWiz; they differ in how an item finds its annotation."""
+    """Local VQA-accuracy scoring shared by VQAv2 and VizWiz: the reply goes through the EvalAI
+    processor first (what LLaVA's submission converters upload), then the benchmark's
+    official server rule (``vqa_rule``, a key of :data:`metrics.VQA_RULES`) compares it with
+    the ten human answers; per answer type as well."""
 
     gt: dict
+    vqa_rule: str = "vqa"
 
     @property
     def has_ground_truth(self) -> bool:
@@ -502,27 +514,29 @@ class _VQAScored(Benchmark):
     def _gt_record(self, it) -> dict:
         raise NotImplementedError
 
-    def _gt_answers(self, it) -> list[str]:
-        return [a["answer"] for a in self._gt_record(it)["answers"]]
+    def _gt_answers(self, it) -> list:
+        return list(self._gt_record(it)["answers"])
+
+    def _question_score(self, text: str, it) -> float:
+        return M.VQA_RULES[self.vqa_rule](M.normalize_answer(text), self._gt_answers(it))
 
     def _score(self, answers):
         per_type: dict[str, list[float]] = defaultdict(list)
         scores = []
         for it in self.items:
             qid = it["question_id"]
-            s = (M.vqa_score_official(M.normalize_answer(answers[qid]), self._gt_answers(it))
-                 if qid in answers else 0.0)
+            s = self._question_score(answers[qid], it) if qid in answers else 0.0
             scores.append(s)
             per_type[self._gt_record(it).get("answer_type", "all")].append(s)
         acc = _pct(sum(scores) / len(scores)) if scores else 0.0
-        return acc, {"accuracy": acc, "per_answer_type": {
+        return acc, {"accuracy": acc, "vqa_rule": self.vqa_rule, "per_answer_type": {
             k: _pct(sum(v) / len(v)) for k, v in sorted(per_type.items())}}
 
     def oracle_answers(self):
         out = {}
         for it in self.items:
-            gts = self._gt_answers(it)
-            out[it["question_id"]] = max(gts, key=lambda a: M.vqa_score_official(a, gts))
+            texts = [str(a["answer"]) for a in self._gt_record(it)["answers"]]
+            out[it["question_id"]] = max(texts, key=lambda a: self._question_score(a, it))
         return out
 
 
@@ -533,7 +547,9 @@ class VQAv2(_VQAScored):
     answers: [{answer}], answer_type, question_type}]}``) for local scoring.
 
     Submission: [{question_id, answer}] with the EvalAI processor applied (LLaVA
-    convert_vqav2_for_submission.py). Local score: vqaEval.py on the processed answer."""
+    convert_vqav2_for_submission.py). Local score: the VQAv2 server's vqaEval.py
+    (GT-Vision-Lab/VQA a013f00, 2021; :func:`metrics.vqa_score_official`) on the processed
+    answer, the human answers compared as whole records as officially."""
 
     name = "vqav2"
 
@@ -579,12 +595,20 @@ class VizWiz(_VQAScored):
     answer_type}) for local scoring.
 
     Submission: [{image, answer}] with the EvalAI processor (convert_vizwiz_for_submission.py).
-    Local score: vqaEval.py rule, matched by image file name."""
+    Local score, matched by image file name: ``vqa_rule="vqa"`` (default) the current official
+    VQA evaluation, GT-Vision-Lab's 2021 vqaEval.py rule (human answers normalised too when
+    the annotators disagree), each human answer a voter of its own (VizWiz records carry no
+    answer_id); ``"vizwiz"`` the VizWiz-VQA API's vqaEval.py (:func:`metrics.vqa_score_vizwiz`:
+    human answers used as stored, unversioned copies)."""
 
     name = "vizwiz"
 
-    def __init__(self, question_file, image_root=None, annotation_file=None, **kw):
+    def __init__(self, question_file, image_root=None, annotation_file=None,
+                 vqa_rule: str = "vqa", **kw):
         super().__init__(**kw)
+        if vqa_rule not in ("vizwiz", "vqa"):
+            raise ValueError(f"VizWiz: vqa_rule must be 'vizwiz' or 'vqa', got {vqa_rule!r}")
+        self.vqa_rule = vqa_rule
         root = image_root if image_root is not None else Path(question_file).parent
         self.gt = {}
         if annotation_file is not None:
@@ -599,6 +623,9 @@ class VizWiz(_VQAScored):
 
     def _gt_record(self, it) -> dict:
         return self.gt[it["meta"]["image_name"]]
+
+    def _gt_answers(self, it) -> list:
+        return [str(a["answer"]) for a in self._gt_record(it)["answers"]]
 
     def write_submission(self, answers, path):
         from gmod_jax.eval.results import write_json_atomic
@@ -947,6 +974,23 @@ def mmmu_prompt(question: str, options: Sequence[str], question_type: str) -> st
     return f"{question}\n{SHORT_ANSWER_SUFFIX}"
 
 
+def mmmu_official_order(items: Sequence[dict]) -> list[dict]:
+    """``items`` in the order MMMU's runners meet them: subjects as
+    :data:`metrics.MMMU_SUBJECT_ORDER`, questions by the number ending their id
+    ("validation_Art_12" -> 12, the HF dataset order); subjects MMMU does not list come
+    last, in file order."""
+    rank = {s: i for i, s in enumerate(M.MMMU_SUBJECT_ORDER)}
+
+    def key(pos_item):
+        pos, it = pos_item
+        subject_rank = rank.get(it["meta"]["subject"], len(rank))
+        m = re.search(r"_(\d+)$", str(it["meta"]["source_id"]))
+        number = int(m.group(1)) if m and subject_rank < len(rank) else pos
+        return (subject_rank, number, pos)
+
+    return [it for _, it in sorted(enumerate(items), key=key)]
+
+
 def _read_records(path) -> list[dict]:
     path = Path(path)
     if path.is_dir():
@@ -970,14 +1014,21 @@ class MMMU(Benchmark):
     As γ-MoD's model_mmmu.py: only image_1 is given to the model; questions without image_1
     or with several ``<img='...'>`` option images are not generated but answered with a
     random choice (multiple-choice) or the invalid marker (open). Parsing / scoring per
-    MMMU eval_utils. Randomness (those fallbacks and unparseable MC replies) is seeded per
-    question (``seed``, question id), so scores are deterministic; the official code is not.
+    MMMU eval_utils.
+
+    Random picks are drawn as MMMU's scorer draws them: one stream, Python's ``random``
+    seeded with ``seed`` (42, as eval_utils.py at import), consumed in MMMU's evaluation
+    order (:func:`mmmu_official_order`) by exactly two events: a model-free
+    multiple-choice question (one ``choice`` over its letters) and a multiple-choice reply
+    with no parsable option (one ``choice`` in ``parse_multi_choice_response``). Open
+    questions and unanswered questions draw nothing. So a question's pick depends on the
+    draws before it, as officially; ``limit`` or a partial answer set shifts later picks.
     """
 
     name = "mmmu"
     headline_name = "overall_accuracy"
 
-    def __init__(self, data_file, image_root=None, seed: int = 42, **kw):
+    def __init__(self, data_file, image_root=None, seed: int = M.MMMU_SEED, **kw):
         super().__init__(**kw)
         self.seed = seed
         base = Path(data_file) if Path(data_file).is_dir() else Path(data_file).parent
@@ -1009,30 +1060,38 @@ class MMMU(Benchmark):
             })
         self._finish(items)
 
-    def parsed_prediction(self, item: Mapping, text: str | None):
-        """What MMMU's evaluator compares with the gold answer (letter, or list of
-        normalised strings / numbers for open questions)."""
-        m = item["meta"]
-        rng = M.mmmu_rng(self.seed, item["question_id"])
-        if item.get("no_generation"):
-            text = rng.choice(m["all_choices"]) if m["question_type"] == "multiple-choice" \
-                else MMMU_INVALID_OPEN
-        if m["question_type"] == "multiple-choice":
-            return M.mmmu_parse_multi_choice(text, m["all_choices"], m["index2ans"], rng)
-        return M.mmmu_parse_open(text)
+    def parsed_predictions(self, answers: Mapping[str, str]) -> dict:
+        """{question_id: what MMMU's evaluator compares with the gold answer} (letter, or
+        the list of normalised strings / numbers for open questions) for every question
+        that is answered or model-free, drawing the random picks in MMMU's order."""
+        rng = M.mmmu_rng(self.seed)
+        out = {}
+        for it in mmmu_official_order(self.items):
+            m = it["meta"]
+            mc = m["question_type"] == "multiple-choice"
+            if it.get("no_generation"):
+                text = rng.choice(m["all_choices"]) if mc else MMMU_INVALID_OPEN
+            elif it["question_id"] in answers:
+                text = answers[it["question_id"]]
+            else:
+                continue
+            out[it["question_id"]] = (
+                M.mmmu_parse_multi_choice(text, m["all_choices"], m["index2ans"], rng) if mc
+                else M.mmmu_parse_open(text))
+        return out
 
     def _score(self, answers):
+        preds = self.parsed_predictions(answers)
         recs = []
         for it in self.items:
             m = it["meta"]
-            text = answers.get(it["question_id"])
-            if text is None and not it.get("no_generation"):
+            pred = preds.get(it["question_id"])
+            if pred is None:
                 ok = False
+            elif m["question_type"] == "multiple-choice":
+                ok = M.mmmu_eval_multi_choice(m["answer"], pred)
             else:
-                pred = self.parsed_prediction(it, text)
-                ok = (M.mmmu_eval_multi_choice(m["answer"], pred)
-                      if m["question_type"] == "multiple-choice"
-                      else M.mmmu_eval_open(m["answer"], pred))
+                ok = M.mmmu_eval_open(m["answer"], pred)
             recs.append({"subject": m["subject"], "correct": ok})
         s = M.mmmu_summary(recs)
         pct = lambda d: {k: {**v, "acc": _pct(v["acc"])} for k, v in d.items()}  # noqa: E731
@@ -1057,15 +1116,16 @@ class MMMU(Benchmark):
         from gmod_jax.eval.results import write_json_atomic
 
         amap = _answer_map(answers)
+        parsed = self.parsed_predictions(amap)
         out = {}
         for it in self.items:
-            text = amap.get(it["question_id"])
-            if text is None and not it.get("no_generation"):
+            qid = it["question_id"]
+            if qid not in parsed:
                 continue
             if it["meta"]["question_type"] == "multiple-choice":
-                out[it["question_id"]] = self.parsed_prediction(it, text)
+                out[qid] = parsed[qid]
             else:
-                out[it["question_id"]] = MMMU_INVALID_OPEN if it.get("no_generation") else text
+                out[qid] = MMMU_INVALID_OPEN if it.get("no_generation") else amap[qid]
         return write_json_atomic(path, out)
 
 
@@ -1078,7 +1138,7 @@ class SEEDBench(Benchmark):
     with the A-D options and the letter suffix}) and ``SEED-Bench.json`` ({"question_type":
     {name: id}, "questions": [{question_id, answer, data_type, question_type_id, ...}]}).
 
-    ``parse="exact"`` (official LLaVA converter: stripped reply == answer letter) or
+    ``parse="exact"`` (official LLaVA converter: reply == answer letter, as stored) or
     ``"letter"`` (lenient, :func:`metrics.seed_letter`). ``image_only`` keeps data_type
     "image" questions."""
 
@@ -1119,8 +1179,8 @@ class SEEDBench(Benchmark):
     def _correct(self, text: str | None, gold: str) -> bool:
         if text is None:
             return False
-        if self.parse == "exact":
-            return text.strip() == gold
+        if self.parse == "exact":  # the converter compares row['text'] as stored
+            return text == gold
         return M.seed_letter(text) == gold
 
     def _score(self, answers):

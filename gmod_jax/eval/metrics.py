@@ -1,18 +1,10 @@
 """Official scoring rules of the benchmarks γ-MoD / LLaVA report, re-implemented from their
 published evaluators (no model code, no third-party dependencies).
 
-Sources (behaviour reproduced, code written anew):
-
-* VQA accuracy: the VQA consortium's ``vqaEval.py`` (VQAv2 / VizWiz) and the EvalAI answer
-  processor of MMF's ``m4c_evaluator.py`` (TextVQA, LLaVA's submission converters).
-* GQA: LLaVA ``scripts/convert_gqa_for_eval.py`` + GQA ``eval.py`` (exact match).
-* ScienceQA: LLaVA / LLaVA-HR ``llava/eval/eval_science_qa.py``.
-* POPE: LLaVA ``llava/eval/eval_pope.py``.
-* MME: MME ``eval_tool/calculation.py``.
-* MMBench: VLMEvalKit ``can_infer`` (rule-based option extraction) + circular evaluation.
-* MMMU: MMMU ``eval_utils.py`` (``parse_multi_choice_response``, ``parse_open_response``,
-  ``eval_multi_choice``, ``eval_open``) and ``DOMAIN_CAT2SUB_CAT``.
-* SEED-Bench: LLaVA ``scripts/convert_seed_for_submission.py`` (exact match of the letter).
+:data:`OFFICIAL_SCORERS` names, per benchmark, the official code followed: repository,
+revision read and files. Behaviour is reproduced, code written anew. Where the project
+deliberately differs, the function's docstring says so and :data:`DELIBERATE_DEVIATIONS`
+lists it (docs/evaluation.md carries the same table for readers).
 
 All accuracies here are fractions in [0, 1]; benchmark objects convert headlines to percent.
 """
@@ -23,6 +15,63 @@ import random
 import re
 from collections import defaultdict
 from typing import Iterable, Mapping, Sequence
+
+LLAVA = ("haotian-liu/LLaVA", "c121f0432da27facab705978f83c4ada465e46fd")
+GAMMA_MOD = ("Yaxin9Luo/Gamma-MOD", "5de27f2e1f62fefe73f77703abc48e44f39c137a")
+
+# benchmark -> (repository, revision, files). The headline of each benchmark equals what
+# these scripts print on the files the harness writes (tests/test_eval_official.py).
+OFFICIAL_SCORERS: dict[str, tuple[str, str, str]] = {
+    "vqav2": ("GT-Vision-Lab/VQA", "a013f0043c1e2cdc995922dfe257f7149aa9af06",
+              "PythonEvaluationTools/vqaEvaluation/vqaEval.py (2021 'Fixed processing answers "
+              "bug'); submission: LLaVA scripts/convert_vqav2_for_submission.py @ " + LLAVA[1]),
+    "vizwiz": ("GT-Vision-Lab/VQA", "a013f0043c1e2cdc995922dfe257f7149aa9af06",
+               "PythonEvaluationTools/vqaEvaluation/vqaEval.py (2021), each human answer its own "
+               "voter; vqa_rule 'vizwiz': the VizWiz-VQA API's vqaEval.py (vizwiz.org, unversioned); "
+               "submission: LLaVA scripts/convert_vizwiz_for_submission.py @ " + LLAVA[1]),
+    "textvqa": (LLAVA[0], LLAVA[1], "llava/eval/eval_textvqa.py, llava/eval/m4c_evaluator.py "
+                "(identical in Gamma-MOD @ " + GAMMA_MOD[1] + ")"),
+    "gqa": (LLAVA[0], LLAVA[1], "scripts/convert_gqa_for_eval.py + GQA's eval.py "
+            "(exact match of the converted prediction)"),
+    "sqa": (GAMMA_MOD[0], GAMMA_MOD[1], "gamma_mod/eval/eval_science_qa.py (parse_rule "
+            "'llava_hr'); LLaVA llava/eval/eval_science_qa.py @ " + LLAVA[1]
+            + " for parse_rule 'llava'"),
+    "pope": (LLAVA[0], LLAVA[1], "llava/eval/eval_pope.py (identical in Gamma-MOD)"),
+    "mme": ("BradyFU/Awesome-Multimodal-Large-Language-Models (Evaluation branch)",
+            "copy read: zjunlp/Deco a3ccc150b715373f3019fc07cb1836c1961d7e15",
+            "eval_tool/calculation.py"),
+    "mmbench": ("open-compass/VLMEvalKit", "e8e78f05f3080fe28154f2130321f17951c3be94",
+                "vlmeval/utils/matching_util.py (can_infer, last changed a67ace50), "
+                "vlmeval/dataset/utils/multiple_choice.py (mcq_circular_eval, exact_matching)"),
+    "mmmu": ("MMMU-Benchmark/MMMU", "bb0b95a945998d91dfef37e969e07d49d1139438",
+             "mmmu/utils/eval_utils.py, mmmu/main_eval_only.py; model-free fallbacks as "
+             "Gamma-MOD gamma_mod/eval/model_mmmu.py @ " + GAMMA_MOD[1]),
+    "seed": (LLAVA[0], LLAVA[1], "scripts/convert_seed_for_submission.py"),
+}
+
+# Where the harness knowingly differs from the scripts above (all other inputs score alike).
+DELIBERATE_DEVIATIONS: tuple[str, ...] = (
+    "all: a question without an answer scores wrong and stays in every denominator "
+    "(n_missing reports it); the official scripts either refuse the file (VQAv2 loadRes, "
+    "GQA eval.py, VizWiz converter, MME), score only the answered questions (TextVQA, MMMU, "
+    "ScienceQA's IMG count: an unanswered image question has no '<image>' prompt) or pair "
+    "labels by position (POPE). Identical whenever every question is answered.",
+    "all: a division by zero (POPE precision with no 'yes', an empty set) gives 0.0 where "
+    "the official script raises.",
+    "vizwiz: the contraction table is the ASCII one of vqaEval.py; the VizWiz API copies "
+    "spell most of its apostrophes as U+2019 or a backtick (affects only replies such as "
+    "'dont').",
+    "mmbench: no GPT judge (VLMEvalKit's exact_matching policy); LLaVA's --all-rounds "
+    "rotations are generated when the TSV has no circular copies.",
+    "mmmu: the draw stream follows MMMU's subject order and each subject's question order "
+    "(MMMU_SUBJECT_ORDER), whatever the order of the input file; Gamma-MOD's copy of the "
+    "scorer has the seed line commented out (its picks are not reproducible), MMMU's own "
+    "eval_utils.py seeds 42, which is followed.",
+    "mme: subtasks absent from the answers contribute 0 (the official script stops); acc+ "
+    "groups questions by image rather than by consecutive line pairs (the same for MME's "
+    "files, two consecutive questions per image).",
+)
+
 
 # ----------------------------------------------------------------------------------------
 # VQA answer normalisation
@@ -122,9 +171,14 @@ def normalize_answer(text: str) -> str:
     return process_digit_article(text)
 
 
-def _subset_average(pred: str, gts: Sequence[str]) -> float:
-    # Official leave-one-out: for each human answer, the other (n-1) answers vote;
-    # min(#matches / 3, 1), averaged over the n subsets.
+def _clean_whitespace(text: str) -> str:
+    # the first step of every official VQA scorer: newlines / tabs -> spaces, strip
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def _leave_one_out(pred: str, gts: Sequence[str]) -> float:
+    # For each human answer, the other (n-1) answers vote: min(#matches / 3, 1), averaged
+    # over the n subsets (index-based: two equal answers are still two voters).
     accs = []
     for i in range(len(gts)):
         matches = sum(1 for j, g in enumerate(gts) if j != i and g == pred)
@@ -132,31 +186,66 @@ def _subset_average(pred: str, gts: Sequence[str]) -> float:
     return sum(accs) / len(accs) if accs else 0.0
 
 
-def vqa_score_official(pred: str, gt_answers: Sequence[str]) -> float:
-    """One question's accuracy under vqaEval.py (VQAv2, VizWiz).
+def vqa_score_official(pred: str, gt_answers: Sequence) -> float:
+    """One question's accuracy under GT-Vision-Lab/VQA ``vqaEval.py`` at its current revision
+    (a013f00, 2021 "Fixed processing answers bug"), the VQAv2 server's rule.
 
-    The prediction is whitespace-cleaned, then always run through ``process_punctuation`` and
-    ``process_digit_article``; the human answers are whitespace-cleaned and, only when they
-    disagree among themselves, run through ``process_punctuation`` (not digit/article).
+    Prediction and human answers are whitespace-cleaned. Only if the human answers then
+    disagree (more than one distinct string) are all of them AND the prediction run through
+    :func:`process_punctuation` followed by :func:`process_digit_article`; if all humans agree
+    the prediction is compared as it is ("Two" never matches ten "2"s: the VQAv2 submission
+    converter has already normalised it). Leave-one-out removes every record *equal* to the
+    held-out one: ``gt_answers`` may be strings (each its own voter, as VQAv2's records with
+    distinct ``answer_id``) or answer dicts, compared whole as officially (dicts without an
+    id that are equal leave together).
     """
-    pred = pred.replace("\n", " ").replace("\t", " ").strip()
-    pred = process_digit_article(process_punctuation(pred))
-    gts = [g.replace("\n", " ").replace("\t", " ").strip() for g in gt_answers]
-    if len(set(gts)) > 1:
-        gts = [process_punctuation(g) for g in gts]
-    return _subset_average(pred, gts)
+    records = [dict(a) if isinstance(a, Mapping) else {"answer": a, "_voter": i}
+               for i, a in enumerate(gt_answers)]
+    for r in records:
+        r["answer"] = _clean_whitespace(str(r["answer"]))
+    pred = _clean_whitespace(pred)
+    if len({r["answer"] for r in records}) > 1:
+        for r in records:
+            r["answer"] = process_digit_article(process_punctuation(r["answer"]))
+        pred = process_digit_article(process_punctuation(pred))
+    accs = []
+    for held in records:
+        matches = sum(1 for r in records if r != held and r["answer"] == pred)
+        accs.append(min(1.0, matches / 3.0))
+    return sum(accs) / len(accs) if accs else 0.0
+
+
+def vqa_score_vizwiz(pred: str, gt_answers: Sequence) -> float:
+    """One question's accuracy under the VizWiz-VQA API's ``vqaEval.py`` (Qing Li; the
+    evaluation code vizwiz.org distributes for its EvalAI challenge; no public git revision).
+
+    The prediction is whitespace-cleaned, then always run through :func:`process_punctuation`
+    and :func:`process_digit_article`; the human answers are used exactly as stored (not even
+    stripped); leave-one-out is by position. Deliberate deviation: the circulating copies of
+    that file spell the apostrophes of most contraction targets as U+2019 or a backtick
+    ("dont" -> "don’t"); the ASCII table of :data:`CONTRACTIONS` is used instead, which only
+    matters for a reply that is an apostrophe-less contraction ("dont", "isnt").
+    """
+    pred = process_digit_article(process_punctuation(_clean_whitespace(pred)))
+    gts = [str(a["answer"]) if isinstance(a, Mapping) else str(a) for a in gt_answers]
+    return _leave_one_out(pred, gts)
 
 
 def vqa_score_textvqa(pred: str, gt_answers: Sequence[str]) -> float:
     """One question's accuracy under m4c's ``TextVQAAccuracyEvaluator``: the EvalAI processor
     is applied to the prediction and to every human answer, then leave-one-out averaging."""
-    return _subset_average(normalize_answer(pred), [normalize_answer(g) for g in gt_answers])
+    return _leave_one_out(normalize_answer(pred), [normalize_answer(g) for g in gt_answers])
 
 
-def vqa_accuracy(preds: Sequence[str], gt_answers: Sequence[Sequence[str]],
+VQA_RULES = {"textvqa": vqa_score_textvqa, "vqa": vqa_score_official,
+             "vizwiz": vqa_score_vizwiz}
+
+
+def vqa_accuracy(preds: Sequence[str], gt_answers: Sequence[Sequence],
                  rule: str = "textvqa") -> float:
-    """Mean VQA accuracy; ``rule`` is ``"textvqa"`` (m4c) or ``"vqa"`` (vqaEval.py)."""
-    fn = {"textvqa": vqa_score_textvqa, "vqa": vqa_score_official}[rule]
+    """Mean VQA accuracy; ``rule`` is ``"textvqa"`` (m4c), ``"vqa"`` (vqaEval.py, 2021) or
+    ``"vizwiz"`` (VizWiz-VQA API)."""
+    fn = VQA_RULES[rule]
     if not preds:
         return 0.0
     return sum(fn(p, g) for p, g in zip(preds, gt_answers, strict=True)) / len(preds)
@@ -276,9 +365,11 @@ MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_transla
 def mme_parse(text: str) -> str:
     """MME ``calculation.py`` ``parse_pred_ans`` on the lowercased answer: exactly "yes"/"no";
     else "yes" if "yes" occurs in the first 4 characters, else "no" if "no" does, else
-    "other". (Surrounding whitespace is stripped first; the official script reads answers
-    from a text file where the model's stripped output sits at the end of a line.)"""
-    t = text.strip().lower()
+    "other". The official script reads the answer from a "image\\tquestion\\tgt\\tanswer"
+    line, where :meth:`benchmarks.MME.write_submission` writes it with its whitespace runs
+    collapsed to single spaces (a tab or newline would break the line); the same collapse
+    happens here, so this parse is the official one on that file."""
+    t = " ".join(text.split()).lower()
     if t in ("yes", "no"):
         return t
     prefix = t[:4]
@@ -341,13 +432,21 @@ MMBENCH_REJECTIONS = (
 )
 
 
+# "answer is B" / "correct answer is **B**" anywhere in the reply, case-insensitive
+# (VLMEvalKit a67ace50, "Match verbose Chain-of-Thought in eval").
+_MMBENCH_VERBOSE = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+
+
 def mmbench_infer_option(answer: str, choices: Mapping[str, str],
                          a_quantifier_guard: bool = False) -> str | None:
-    """VLMEvalKit ``can_infer_option``: strip ``.()[],:;!*#{}``, split on whitespace; if exactly
-    one choice letter appears as a word, return it. A refusal phrase gives "Z"; a lone "Z"
-    word with no letter gives "Z". ``a_quantifier_guard`` enables the rule (unconditional in
-    older VLMEvalKit, VERBOSE-only in recent ones) that rejects when "A" is a word of a
-    reply longer than three words ("A dog is ..." is not option A)."""
+    """VLMEvalKit ``can_infer_option`` (vlmeval/utils/matching_util.py at e8e78f05).
+
+    A refusal phrase gives "Z". Otherwise ``.()[],:;!*#{}`` become spaces and the reply is
+    split into words: if exactly one choice letter is a word and its first occurrence is
+    among the last four words, it is the answer; if no choice letter is a word but "Z" is,
+    "Z". Failing both, "answer is X" (:data:`_MMBENCH_VERBOSE`, X in A-D and a choice) is
+    the answer. ``a_quantifier_guard`` is VLMEvalKit's ``VERBOSE``-only rule that rejects a
+    single letter when "A" is a word of a reply longer than three words ("A dog is ...")."""
     if "Failed to obtain answer via API" in answer:
         return None
     for phrase in MMBENCH_REJECTIONS:
@@ -361,16 +460,23 @@ def mmbench_infer_option(answer: str, choices: Mapping[str, str],
     if len(hits) == 1:
         if a_quantifier_guard and "A" in words and len(words) > 3:
             return None
-        return hits[0]
-    if not hits and "Z" in words:
+        if words.index(hits[0]) > len(words) - 5:
+            return hits[0]
+    elif not hits and "Z" in words:
         return "Z"
+    m = _MMBENCH_VERBOSE.search(answer)
+    if m and m.group(1).upper() in choices:
+        return m.group(1).upper()
     return None
 
 
 def mmbench_infer_text(answer: str, choices: Mapping[str, str]) -> str | None:
-    """VLMEvalKit ``can_infer_text``: the unique choice whose (lowercased) text occurs in the
-    lowercased answer."""
+    """VLMEvalKit ``can_infer_text`` (e8e78f05): the unique choice whose lowercased text occurs
+    in the lowercased reply; a reply longer than twice the options' total length infers
+    nothing."""
     low = answer.lower()
+    if len(low) > 2 * sum(len(str(v)) for v in choices.values()):
+        return None
     hits = [k for k, v in choices.items() if str(v).lower() in low]
     return hits[0] if len(hits) == 1 else None
 
@@ -378,7 +484,8 @@ def mmbench_infer_text(answer: str, choices: Mapping[str, str]) -> str | None:
 def mmbench_parse(answer: str, choices: Mapping[str, str], a_quantifier_guard: bool = False
                   ) -> str | None:
     """VLMEvalKit ``can_infer``: option letter, else option text; None if neither is unique.
-    (The official pipeline then asks a GPT judge; no judge here, so None is scored wrong.)"""
+    Scored as VLMEvalKit's ``exact_matching`` policy (no GPT judge): an unparsed reply is
+    wrong, like a parsed wrong one."""
     answer = str(answer)
     return (mmbench_infer_option(answer, choices, a_quantifier_guard)
             or mmbench_infer_text(answer, choices))
@@ -441,22 +548,38 @@ MMMU_DOMAINS: dict[str, tuple[str, ...]] = {
 MMMU_SUBJECT_TO_DOMAIN = {s: d for d, subs in MMMU_DOMAINS.items() for s in subs}
 
 
-def mmmu_rng(seed: int, key: str) -> random.Random:
-    """Per-question RNG for MMMU's random fallbacks. Official code calls the global
-    ``random.choice`` unseeded (non-reproducible); here the choice depends only on
-    (seed, question id), so scores are reproducible and independent of evaluation order."""
-    return random.Random(f"{seed}:{key}")
+# MMMU's evaluation order: its runners concatenate the subjects in the order of
+# ``CAT_SHORT2LONG`` (mmmu/utils/data_utils.py, sorted by short name, hence "Art" after
+# "Architecture_and_Engineering") and keep each subject's questions in dataset order.
+MMMU_SUBJECT_ORDER: tuple[str, ...] = (
+    "Accounting", "Agriculture", "Architecture_and_Engineering", "Art", "Art_Theory",
+    "Basic_Medical_Science", "Biology", "Chemistry", "Clinical_Medicine", "Computer_Science",
+    "Design", "Diagnostics_and_Laboratory_Medicine", "Economics", "Electronics",
+    "Energy_and_Power", "Finance", "Geography", "History", "Literature", "Manage", "Marketing",
+    "Materials", "Math", "Mechanical_Engineering", "Music", "Pharmacy", "Physics",
+    "Psychology", "Public_Health", "Sociology")
+# MMMU eval_utils.py runs ``random.seed(42)`` at import; its runners draw from that global
+# stream (run_llava.py seeds it with --seed 42 again before any draw).
+MMMU_SEED = 42
+
+
+def mmmu_rng(seed: int = MMMU_SEED) -> random.Random:
+    """A fresh draw stream in the state of MMMU's global ``random`` after ``seed(seed)``.
+
+    One stream serves a whole evaluation, consumed in :data:`MMMU_SUBJECT_ORDER` order:
+    ``random.Random(42).choice`` makes exactly the picks ``random.seed(42); random.choice``
+    makes (same Mersenne Twister, same ``choice``)."""
+    return random.Random(seed)
 
 
 def mmmu_parse_multi_choice(response: str, all_choices: Sequence[str],
-                            index2ans: Mapping[str, str], rng: random.Random | None = None
-                            ) -> str:
+                            index2ans: Mapping[str, str], rng: random.Random) -> str:
     """MMMU ``parse_multi_choice_response``.
 
     Strip ``,.!?;:'`` from both ends, pad with spaces; candidates are choices written "(X)";
     else " X "; else, for replies longer than 5 words, choices whose text occurs in the reply.
-    Several candidates: the one occurring last wins. None: a random choice from ``rng``
-    (a fixed-seed RNG if not given)."""
+    Several candidates: the one occurring last wins. None: ``rng.choice(all_choices)``, the
+    only draw this function makes (``rng``: the evaluation's stream, :func:`mmmu_rng`)."""
     for ch in (",", ".", "!", "?", ";", ":", "'"):
         response = response.strip(ch)
     response = " " + response + " "
@@ -477,7 +600,7 @@ def mmmu_parse_multi_choice(response: str, all_choices: Sequence[str],
                 candidates.append(index)
                 index_ans = False
     if not candidates:
-        return (rng or random.Random(0)).choice(list(all_choices))
+        return rng.choice(list(all_choices))
     if len(candidates) == 1:
         return candidates[0]
     if index_ans:

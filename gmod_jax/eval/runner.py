@@ -102,7 +102,8 @@ ground truth is given, otherwise only the submission files are written):
 
 Any other constructor option of gmod_jax.eval.benchmarks: --bench-arg KEY=VALUE (VALUE is
 parsed as JSON when it parses, e.g. --bench-arg parse_rule='"llava"' for SQA, --bench-arg
-parse='"letter"' for SEED, --bench-arg image_only=false).
+parse='"letter"' for SEED, --bench-arg vqa_rule='"vizwiz"' for VizWiz scored with the
+VizWiz-VQA API's vqaEval.py instead of GT-Vision-Lab's 2021 one, --bench-arg image_only=false).
 
 outputs in --out: answers.jsonl (resumable; one line per question with routing statistics),
 run.json, llava_answers.jsonl, the benchmark's submission file, metrics.json; a row in
