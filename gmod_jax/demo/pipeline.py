@@ -57,7 +57,8 @@ from train.config import TrainConfig
 
 log = logging.getLogger("gmod_jax.demo")
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_default.py"
+# The recipes live in the repository's configs/, not in the installed package.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_default.py"
 TFDS_QA = "synthetic_qa_vicuna_v1"  # TFDS config names of the two pre-tokenised datasets
 TFDS_CAPTIONS = "synthetic_captions_plain"
 TEMPLATE = "vicuna_v1"  # instruction data and evaluation
@@ -130,6 +131,9 @@ def load_config(path: str | os.PathLike | None = None) -> DemoConfig:
     """Import a demo config file (configs/demo*.py) and call its `get_config()`."""
     from gmod_jax.config_files import load_config_file
 
+    if path is None and not DEFAULT_CONFIG.is_file():
+        raise FileNotFoundError(f"no default demo config at {DEFAULT_CONFIG} (an installed package has no "
+                                "configs/): pass --config with the repository's configs/demo_default.py")
     return load_config_file(path if path is not None else DEFAULT_CONFIG, DemoConfig)
 
 
