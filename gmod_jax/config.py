@@ -148,6 +148,10 @@ class MoDConfig:
     # sequence length. 1.0 never drops a token that passed the threshold (exact, no FLOP savings);
     # smaller values bound compute, keeping the highest keep-probs when more pass.
     threshold_max_capacity: float = 1.0
+    # Capacity buckets of the threshold rule (equal steps of T): each MoD layer runs the smallest
+    # that holds the tokens passing the threshold, so prefill compute follows the realised skip
+    # ratio and the kept set is the unbounded rule's. 1 = always the static bound above.
+    threshold_buckets: int = 8
     router_init: str = "kaiming_uniform"  # PyTorch nn.Linear default (LLaVA-HR code); or "xavier_uniform"
 
     def __post_init__(self):
@@ -164,6 +168,9 @@ class MoDConfig:
             raise ValueError("mod loss reductions: layer in {sum, mean}, token in {all, non_pad}")
         if not 0.0 < self.threshold_max_capacity <= 1.0:
             raise ValueError("mod.threshold_max_capacity must be in (0, 1]")
+        if isinstance(self.threshold_buckets, bool) or not isinstance(self.threshold_buckets, int) \
+                or self.threshold_buckets < 1:
+            raise ValueError(f"mod.threshold_buckets must be an integer >= 1, got {self.threshold_buckets!r}")
 
     @property
     def routable_types(self) -> tuple[int, ...]:

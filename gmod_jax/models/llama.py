@@ -238,18 +238,27 @@ class Collect:
     attn_summary: Callable | None = None
 
 
-def mod_layer(config: ModelConfig, p, router_kernel, x, positions, attention_mask, token_types,
-              plan: RoutingPlan, rope, collect: Collect = Collect()):
-    """γ-MoD layer: route, run attention+MLP on kept tokens only, scatter back.
+def threshold_buckets(config: ModelConfig, plan: RoutingPlan, seq_len: int) -> tuple[int, ...]:
+    """Static capacities a MoD layer may run at under the official threshold rule, or () when
+    the plan does not route by threshold.
 
-    Returns (new x, outputs): `loss` (this layer's router loss; zero outside training), `kept` and
-    `tokens` (kept and entering non-pad tokens), `kept_by_type` / `tokens_by_type` (the same per
-    routable token type, in `mod.routable_types` order), plus what `collect` asks for.
-    """
+    The layer counts the tokens that pass (the most over the batch's rows) and runs the smallest
+    capacity that holds them, so the kept set is the unbounded rule's and the compute follows
+    the realised skip ratio with static shapes: `mod.threshold_buckets` equal steps of T (eighths
+    by default), capped by the plan's capacity (`threshold_max_capacity`, which then keeps the
+    highest keep-probs when more tokens pass). One bucket is a single static capacity."""
+    if plan.mode != "inference" or config.mod.inference_routing != "threshold":
+        return ()
+    top = min(plan.capacity or threshold_capacity(config, seq_len), seq_len)
+    n = config.mod.threshold_buckets
+    return tuple(sorted({min(top, max(1, math.ceil(seq_len * j / n))) for j in range(1, n + 1)}))
+
+
+def _run_kept(config: ModelConfig, p, x, probs, sel, positions, attention_mask, token_types, rope,
+              collect: Collect, slots: int):
+    """The MoD layer's block on the selected tokens: (new x, outputs that depend on the
+    selection). Per-slot outputs are padded to `slots` so every capacity gives the same shapes."""
     mod = config.mod
-    logits = router_logits(config, p, router_kernel, x)
-    probs = routing.router_probs(logits)
-    sel = select_tokens(config, probs, attention_mask, token_types, plan)
     impl = mod.implementation
     real = sel.valid & routing.gather_mask(attention_mask, sel)  # kept slots that are not padding
     if mod.compact_positions:
@@ -267,18 +276,62 @@ def mod_layer(config: ModelConfig, p, router_kernel, x, positions, attention_mas
            "tokens": jnp.sum(valid, dtype=jnp.int32),
            "kept_by_type": jnp.sum(of_type & sel.selected, axis=(1, 2), dtype=jnp.int32),
            "tokens_by_type": jnp.sum(of_type, axis=(1, 2), dtype=jnp.int32)}
-    if plan.mode == "train":
-        out["loss"] = routing.router_loss(logits, sel.selected, attention_mask, mod.loss_token_reduction)
-    else:
-        out["loss"] = jnp.zeros((), jnp.float32)
     if collect.kv:
+        pad = slots - sel.capacity
         kept_per_row = jnp.sum(real, axis=-1, dtype=jnp.int32)
-        out.update(k=k, v=v, valid=real, length=sel.num_kept, next_pos=kept_per_row, kept_per_row=kept_per_row,
+        out.update(k=_pad_axis1(k, pad), v=_pad_axis1(v, pad), valid=_pad_axis1(real, pad), length=sel.num_kept,
+                   next_pos=kept_per_row, kept_per_row=kept_per_row,
                    tokens_per_row=jnp.sum(valid, axis=-1, dtype=jnp.int32))
     if collect.routing:
-        out.update(selected=sel.selected & valid, keep_prob=probs)
+        out["selected"] = sel.selected & valid
     if collect.attn_summary is not None:
         out["attn_summary"] = collect.attn_summary(attn_probs)
+    return x_new, out
+
+
+def _pad_axis1(a, pad: int):
+    return a if pad == 0 else jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+
+
+def mod_layer(config: ModelConfig, p, router_kernel, x, positions, attention_mask, token_types,
+              plan: RoutingPlan, rope, collect: Collect = Collect()):
+    """γ-MoD layer: route, run attention+MLP on kept tokens only, scatter back.
+
+    Returns (new x, outputs): `loss` (this layer's router loss; zero outside training), `kept` and
+    `tokens` (kept and entering non-pad tokens), `kept_by_type` / `tokens_by_type` (the same per
+    routable token type, in `mod.routable_types` order), plus what `collect` asks for.
+    """
+    mod = config.mod
+    logits = router_logits(config, p, router_kernel, x)
+    probs = routing.router_probs(logits)
+    attention_mask = attention_mask.astype(bool)
+    buckets = threshold_buckets(config, plan, probs.shape[1])
+    # Attention maps have the capacity's shape, so an ARank-style summary runs at one capacity.
+    if len(buckets) > 1 and collect.attn_summary is None:
+        passes = jnp.sum((probs > mod.prefill_threshold) & attention_mask, axis=-1)
+        need = jnp.max(passes)
+        index = jnp.minimum(jnp.searchsorted(jnp.asarray(buckets), need), len(buckets) - 1)
+
+        def at_capacity(capacity):
+            def run(_):
+                sel = routing.select_threshold(probs, attention_mask, mod.prefill_threshold, capacity)
+                return _run_kept(config, p, x, probs, sel, positions, attention_mask, token_types, rope, collect,
+                                 buckets[-1])
+            return run
+
+        x_new, out = jax.lax.switch(index, [at_capacity(c) for c in buckets], None)
+        sel_selected = None
+    else:
+        sel = select_tokens(config, probs, attention_mask, token_types, plan)
+        x_new, out = _run_kept(config, p, x, probs, sel, positions, attention_mask, token_types, rope, collect,
+                               sel.capacity)
+        sel_selected = sel.selected
+    if plan.mode == "train":
+        out["loss"] = routing.router_loss(logits, sel_selected, attention_mask, mod.loss_token_reduction)
+    else:
+        out["loss"] = jnp.zeros((), jnp.float32)
+    if collect.routing:
+        out["keep_prob"] = probs
     return x_new, out
 
 
