@@ -155,11 +155,13 @@ def causal_key_valid(mask, batch: int):
 def _cudnn_attention(q, k, v, mask, scale: float, causal: bool, implementation: str = "cudnn"):
     """cuDNN flash attention (`jax.nn.dot_product_attention`) under the model's exact mask.
 
-    The boolean mask goes in whole (cuDNN adds it as a bias, broadcast over heads), so every row,
-    also a padding or invalid-slot row, sees what the reference shows it; `is_causal` lets cuDNN
-    skip the upper triangle. Odd lengths get one extra masked key/query (cuDNN's backward with a
-    bias needs even lengths); a query row past the end is dropped. `implementation="xla"` runs
-    the same call through JAX's XLA attention: that is how CPU tests check this wiring.
+    The boolean mask goes in whole (cuDNN adds it as a bias, broadcast over heads), so every row
+    with a visible key, padding and MoD slot rows included, sees what the reference shows it; a
+    row with none (a left-padding query) is uniform over the keys up to it instead of all keys.
+    `is_causal` lets cuDNN skip the upper triangle. Odd lengths get one extra masked key/query
+    (cuDNN's backward with a bias needs even lengths); a query row past the end is dropped.
+    `implementation="xla"` runs the same call through JAX's XLA attention: that is how CPU tests
+    check this wiring.
     """
     b, t, _, _ = q.shape
     s = k.shape[1]
@@ -181,13 +183,18 @@ def _splash_attention(q, k, v, key_ok, scale: float, causal: bool, interpret: bo
     """The Pallas TPU splash-attention kernel under a causal (or full) mask and a key mask.
 
     The key mask becomes segment ids: key j gets `key_ok[j]`, query i gets 1 if any key up to i
-    (any key at all, when not causal) is valid, else 0. A query that sees a valid key thus sees
-    exactly the valid keys the reference shows it (the decoder's rows, right-padding rows and
-    every kept MoD slot included); a row with none (a left-padding query, a leading padded slot)
-    attends to its own masked keys instead of the reference's uniform row, so no row is empty.
-    Those rows' outputs are never used. The sequence is zero-padded to whole tiles; padded keys
-    are masked, padded query rows dropped. Queries are scaled before the kernel (it has no scale
-    argument). `interpret` (default: on CPU) runs the Pallas interpreter, for tests.
+    (any key at all, when not causal) is valid, else 0, so no row is empty. A query that sees a
+    valid key sees exactly the valid keys the reference shows it: every real token's row, and
+    right-padding rows of the dense mask. Two kinds of rows differ, all of them padding or
+    invalid MoD slots: a row with no valid key up to it (left padding, leading kept padding
+    slots, invalid slots before any valid one) attends to its own masked keys instead of the
+    reference's uniform or diagonal-only row; a kept padding or invalid MoD slot after valid
+    ones misses its own key, which the reference adds on the diagonal. No model output reads
+    them; the router loss over all positions (`loss_token_reduction="all"`) reads the hidden
+    states of padding positions, which thus depend on the implementation, as in HF, where eager
+    and FlashAttention-2 padding rows differ. The sequence is zero-padded to whole tiles; padded
+    keys are masked, padded query rows dropped. Queries are scaled before the kernel (it has no
+    scale argument). `interpret` (default: on CPU) runs the Pallas interpreter, for tests.
     """
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
