@@ -7,6 +7,9 @@ image + 39 question tokens = 650, the prompt length of the reference FLOP analys
 batch 1 (latency-bound) and 8 (closer to FLOP-bound), decode of 32 tokens at batch 1 and 8, MFU
 against the bf16 dense peak of the device kind. No XLA counts (an unrolled 32-layer 7B compile
 per program would eat the time budget) and no PyTorch baseline (it runs float32 on CPU).
+Attention is the model's `attention_impl` "auto": cuDNN flash attention on a GPU with these bf16
+inputs, whose causal tiles the analytic FLOP count follows ("causal"); `scripts/gpu_bench.sh`
+adds prefill sections for the other implementations (`--set model.attention_impl=...`).
 """
 
 from gmod_jax import config as C
@@ -31,6 +34,7 @@ def get_config() -> BenchConfig:
         ),
         warmup=2,
         xla_flops=False,
+        attention_flops="causal",
         torch_baseline=False,
         require_platform="gpu",
     )

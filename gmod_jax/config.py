@@ -124,6 +124,14 @@ class LlamaConfig:
         return None if self.rope_scaling is None else dict(self.rope_scaling)
 
 
+# Attention implementations (`ModelConfig.attention_impl`; gmod_jax/layers/attention.py):
+# "auto" picks per backend in `attention.resolve_attention_impl`; "xla" is the reference
+# (one einsum + float32 softmax over all keys); "blocked" skips most of the masked upper triangle
+# in query blocks; "cpu_blocked" does the same one KV head at a time (the CPU choice); "cudnn" is
+# cuDNN flash attention via `jax.nn.dot_product_attention` (GPU, bf16/fp16); "splash" is the
+# Pallas TPU splash-attention kernel.
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "cpu_blocked", "cudnn", "splash")
+
 MOD_PLACEMENTS = ("explicit", "arank_mod", "all", "every_2nd", "two_of_three")
 
 
@@ -207,6 +215,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"  # "none" | "full" | "dots" (jax.checkpoint_policies.dots_saveable)
     scan_layers: bool = True  # lax.scan per group of identical decoder layers
+    attention_impl: str = "auto"  # one of ATTENTION_IMPLS (decoder and vision attention)
 
     def __post_init__(self):
         if self.mod.enabled:
@@ -218,6 +227,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat must be none, full or dots, got {self.remat!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
 
     @property
     def image_seq_length(self) -> int:

@@ -60,7 +60,8 @@ def encoder_layer(config: ModelConfig, p, x):
     q = project(h, p["attn"]["q"], "btd,dhk->bthk", dtype)
     k = project(h, p["attn"]["k"], "btd,dhk->bthk", dtype)
     val = project(h, p["attn"]["v"], "btd,dhk->bthk", dtype)
-    out, _ = dot_product_attention(q, k, val, jnp.ones((1, 1, 1, 1), bool), scale=v.head_dim ** -0.5)
+    out, _ = dot_product_attention(q, k, val, jnp.ones((1, 1, 1, 1), bool), scale=v.head_dim ** -0.5,
+                                   impl=config.attention_impl)
     x = x + project(out, p["attn"]["o"], "bthk,hkd->btd", dtype)
     h = layer_norm(x, p["ln2"]["scale"], p["ln2"]["bias"], v.layer_norm_eps)
     h = activation(v.hidden_act)(project(h, p["fc1"], "btd,df->btf", dtype))

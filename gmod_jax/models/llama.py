@@ -165,7 +165,8 @@ def attention_block(config: ModelConfig, p, h, cos, sin, mask, return_probs=Fals
     q = apply_rope(project(h, p["q"], "btd,dhk->bthk", dtype), cos, sin)
     k = apply_rope(project(h, p["k"], "btd,dhk->bthk", dtype), cos, sin)
     v = project(h, p["v"], "btd,dhk->bthk", dtype)
-    out, probs = causal_attention(q, k, v, mask, scale=t.head_dim ** -0.5, return_probs=return_probs)
+    out, probs = causal_attention(q, k, v, mask, scale=t.head_dim ** -0.5, return_probs=return_probs,
+                                  impl=config.attention_impl)
     return project(out, p["o"], "bthk,hkd->btd", dtype), probs, (k, v)
 
 
