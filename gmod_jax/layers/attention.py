@@ -37,8 +37,8 @@ def contract(x, kernel, n: int):
     """x [..., *K] with kernel [*K, *F] -> [..., *F], summing the n trailing dims of x against
     the n leading dims of the kernel, as one 2-D matmul. Same sums as the einsum, but XLA's CPU
     backend differentiates a 3-D einsum such as "btd,df->btf" into a weight gradient that
-    contracts two dims (b, t) and transposes the activations for it; flattened, the training
-    step of `configs/bench_cpu.py` (batch 2 x 640 tokens) takes 10.6 s instead of 12.9 s."""
+    contracts two dims (b, t) and transposes the activations for it; flattened, the CPU
+    benchmark's training step is markedly faster (docs/benchmarks.md)."""
     lead, k_shape, f_shape = x.shape[:x.ndim - n], kernel.shape[:n], kernel.shape[n:]
     y = x.reshape(-1, math.prod(k_shape)) @ kernel.reshape(math.prod(k_shape), -1)
     return y.reshape(*lead, *f_shape)
@@ -85,7 +85,7 @@ def resolve_attention_impl(impl: str, q, k, mask, *, causal: bool, return_probs:
     per platform:
     - CPU: "cpu_blocked". One KV head at a time (`lax.map`) keeps each head's score matrix in
       cache through the mask, softmax and value passes, where all heads at once stream it
-      through memory several times (T=640, 16 heads, 2 cores: 21 ms instead of 41 ms per layer).
+      through memory several times (about half the time per layer; docs/benchmarks.md).
     - GPU: "cudnn" unless `cudnn_unsupported` names a reason (e.g. float32), else "blocked".
     - TPU: "splash" unless `splash_unsupported` names a reason, else "blocked".
     An explicit kernel the platform or inputs cannot run is an error, not a silent fallback.
@@ -295,8 +295,8 @@ def causal_attention(q, k, v, mask, *, scale: float, return_probs: bool = False,
 
     "blocked" and "cpu_blocked" (the latter one KV head at a time) send query rows in blocks that
     only see the keys up to their own last row, so most of the masked upper triangle is never
-    computed. At T=640, 16 heads on 2 CPU cores (5 blocks, heads one at a time) attention takes
-    15 ms per layer instead of 41 ms for all heads and keys at once. The result equals
+    computed (on CPU, with heads one at a time, well under half the time of all heads and keys
+    at once; docs/benchmarks.md). The result equals
     `dot_product_attention` up to float summation order: the keys a block leaves out are masked
     for all its rows, so they carry exactly zero probability. Rows whose keys are all masked
     (padding queries) are uniform over their block's keys instead of all keys; as there, their
@@ -313,7 +313,7 @@ def causal_attention(q, k, v, mask, *, scale: float, return_probs: bool = False,
     t = q.shape[1]
     if impl == "xla" or k.shape[1] != t or t <= CAUSAL_BLOCK_ROWS:
         return dot_product_attention(q, k, v, mask, scale=scale, return_probs=return_probs, impl=impl)
-    if impl == "cpu_blocked" and k.shape[2] > 1:  # heads outside, blocks inside: 15 ms vs 25 ms the other way
+    if impl == "cpu_blocked" and k.shape[2] > 1:  # heads outside, blocks inside: the faster nesting on CPU
         return _per_kv_head(_causal_blocks, q, k, v, mask, scale), None
     return _causal_blocks(q, k, v, mask, scale, False)
 
