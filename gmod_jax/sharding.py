@@ -73,6 +73,9 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...] | None], ...] = (
     (r"^vision/layers/fc1/bias$", ("layers", "mlp")),
     (r"^vision/layers/fc2/kernel$", ("layers", "mlp", "embed")),
     (r"^vision/layers/fc2/bias$", ("layers", "embed")),
+    # Mini-Gemini patch info mining projectors (LayerNorm + Linear; column-parallel kernels)
+    (r"^vision/uni_(query|aux|val)/fc/kernel$", ("embed", "mlp")),
+    (r"^vision/uni_(query|aux|val)/(fc/bias|ln/scale|ln/bias)$", None),
     # ConvNeXt trunks (models/convnext.py), wherever they hang: blocks stacked per stage
     (r"(^|/)stem/conv/kernel$", (None, None, None, "embed")),
     (r"(^|/)stages_\d+/downsample/conv/kernel$", (None, None, None, "embed")),
