@@ -5,6 +5,7 @@ equivalences of the reference note, the token order, presets and config plumbing
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from jax.sharding import PartitionSpec as P
 
 from gmod_jax import config as C
+from gmod_jax import sharding as shd
 from gmod_jax.models import mgm
 from gmod_jax.models.llava import LlavaModel
 from tests import mgm_reference as ref_lib
@@ -110,11 +113,36 @@ def test_mgm_hd_7b_preset_shapes_and_param_count():
     assert mining == (2 * 1024 + 1024 * 1024 + 1024) + 2 * (2 * 2880 + 2880 * 1024 + 1024)
     assert vision["uni_aux"]["fc"]["kernel"].shape == (2880, 1024)
     assert count(shapes["params"]) == 7_266_093_504
+    # Every new leaf has its own sharding rule (none falls through to "replicate by default").
+    specs = shd.param_specs(shapes["params"], {"data": 1, "fsdp": 16, "tensor": 4})
+    flat = {shd.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(
+        specs, is_leaf=lambda x: isinstance(x, P))[0]}
+    for path in flat:
+        if path.startswith(("vision/aux/", "vision/uni_")):
+            assert any(re.search(rule, path) for rule, _ in shd.PARAM_AXES), path
+    assert flat["vision/uni_aux/fc/kernel"] == P("fsdp", "tensor")
+    assert flat["vision/aux/stages_2/blocks/mlp/fc1/kernel"] == P(None, "fsdp", "tensor")
     mod = C.gamma_mod_mgm_hd_7b()
     assert mod.mod.router_init == "xavier_uniform" and mod.mod.layers == tuple(range(3, 31))
     assert mod.mod.routable_types.first_n is None
     official = C.gamma_mod_mgm_hd_7b(routable_span="first_n")
     assert official.mod.routable_span == "first_n" and official.mod.routable_types.first_n == 2880
+
+
+def test_host_preprocessing_follows_the_config():
+    """The aux image is LLaVA's pad-to-square + PIL bicubic + CLIP normalisation at image_size_aux;
+    the CLIP views are not a host product (the model derives them)."""
+    from PIL import Image
+
+    from gmod_jax.data.images import ImageConfig, image_config_for, preprocess_image
+
+    assert image_config_for(C.mgm_hd_7b()) == ImageConfig(image_size=1536)
+    assert image_config_for(C.llava_v15_7b(), aspect="crop") == ImageConfig(image_size=336, aspect="crop")
+    cfg = C.tiny_mgm()
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 70, 3), dtype=np.uint8))
+    pixels = preprocess_image(img, image_config_for(cfg))
+    assert pixels.shape == cfg.pixel_shape
+    np.testing.assert_array_equal(pixels, preprocess_image(img, ImageConfig(image_size=64)))
 
 
 def test_config_round_trip_and_validation():
