@@ -17,7 +17,7 @@ from gmod_jax import token_types as tt
 from gmod_jax.api import Model, routing_capacity
 from gmod_jax.inference.generate import expand_prompt, generate_ids
 from gmod_jax.inference.reference import reference_generate
-from gmod_jax.models.llava import LlavaModel
+from tests.test_generate import random_params
 
 
 def _official_layout(n_sys=35, n_img=2880, n_after=40, left_pad=(0, 5)):
@@ -90,7 +90,7 @@ def test_training_routing_skips_the_documented_tokens(span, skipped, monkeypatch
     batch = _train_batch(cfg)
     b, t = batch["input_ids"].shape
     assert routing_capacity(cfg, batch["token_types"], "train") == t - skipped
-    model = Model(config=cfg, params=_random_params(cfg))
+    model = Model(config=cfg, params=random_params(cfg, seed=1))
     monkeypatch.setattr(routing, "router_probs", _position_ranked)
     out = model.forward(batch["input_ids"], None, batch["attention_mask"], batch["token_types"], mode="train")
     np.testing.assert_array_equal(out["mod_kept"], [b * (t - skipped)] * 2)
@@ -117,7 +117,7 @@ def test_train_step_on_tiny_mgm_first_n_span():
     spec = step_lib.make_state_spec(cfg, opt.make_optimizer(ocfg, 2), opt.make_schedule(ocfg, 2), ocfg,
                                     shd.make_mesh(shd.MeshConfig()))
     with jax.set_mesh(spec.mesh):
-        state = step_lib.make_opt_init(spec)(_random_params(cfg))
+        state = step_lib.make_opt_init(spec)(random_params(cfg, seed=1))
         capacity = routing_capacity(cfg, batch["token_types"], "train")
         new_state, metrics = step_lib.make_train_step(spec, 1, capacity)(state, jax.tree.map(lambda a: a[None], batch))
     assert int(new_state["step"]) == 1 and np.isfinite(float(metrics["loss"]))
@@ -125,28 +125,10 @@ def test_train_step_on_tiny_mgm_first_n_span():
     assert float(metrics["skip_ratio/image"]) + float(metrics["skip_ratio/system"]) > 0
 
 
-def _random_params(cfg, seed=1, router_std=0.5):
-    """Random weights on the model's own tree, matrices N(0, 0.05²), norms 1, a router sharp
-    enough that both inference thresholds skip some tokens and keep others."""
-    shapes = jax.eval_shape(lambda: LlavaModel(cfg).init(jax.random.PRNGKey(0), method=LlavaModel.declare_params))
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        names = [str(getattr(k, "key", k)) for k in path]
-        if names[-1] == "scale":
-            return jnp.ones(s.shape, s.dtype)
-        if names[-1] == "bias":
-            return jnp.zeros(s.shape, s.dtype)
-        std = router_std if "mod_router" in names else 0.05
-        return jnp.asarray(std * rng.standard_normal(s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes["params"])
-
-
 @pytest.mark.slow
 def test_mod_generation_with_kv_cache_equals_reference():
     cfg = C.gamma_mod_mgm(C.tiny_mgm(), "explicit", 0.5, layers=(1, 2))
-    model = Model(config=cfg, params=_random_params(cfg))
+    model = Model(config=cfg, params=random_params(cfg, seed=1))
     rng = np.random.default_rng(3)
     prompts = [np.concatenate([[1], rng.integers(3, 120, 3), [cfg.image_token_index] * cfg.image_seq_length,
                                rng.integers(3, 120, n)]).astype(np.int32) for n in (2, 6)]
