@@ -248,7 +248,8 @@ class MoDConfig:
     # "first_n": only the routable-type tokens among a row's first `routable_first_n` non-pad
     #   tokens. Mini-Gemini's γ-MoD code routes the first image_token_number = 2880 positions with
     #   no +35 for the system prompt, so 35 system + the first 2845 image tokens are routable and
-    #   the last 35 image tokens are always kept; `mgm_hd_7b` sets n = 2880 for that quirk.
+    #   the last 35 image tokens are always kept; `gamma_mod_mgm(..., routable_span="first_n")`
+    #   sets n = image_seq_length (2880 for HD) for that quirk.
     routable_span: str = "token_types"
     routable_first_n: int = 0  # n of "first_n" (> 0 there; unused otherwise)
 
