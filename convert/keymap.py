@@ -104,15 +104,7 @@ def expected_keys(config: ModelConfig) -> dict[str, Target]:
     """Every canonical key a checkpoint of `config` must contain, in PyTorch module order (router
     excluded, see `router_target`); read off `gmod_jax.param_layout`, the tree's one declaration."""
     keys: dict[str, Target] = {}
-    layer_counts = {"vision": config.vision.num_layers, "llm": config.text.num_layers}
     stacked: list[param_layout.Leaf] = []
-
-    def add_stacked():
-        # A tower's stacked leaves go layer by layer, as the PyTorch modules are ordered.
-        for n in range(layer_counts[stacked[0].row.stack] if stacked else 0):
-            for leaf in stacked:
-                add(leaf, n)
-        stacked.clear()
 
     def add(leaf: param_layout.Leaf, layer: int | None):
         heads, head_dim = leaf.row.heads(config) if leaf.row.heads else (0, 0)
@@ -120,12 +112,22 @@ def expected_keys(config: ModelConfig) -> dict[str, Target]:
         keys[name] = Target(tuple(leaf.path.split("/")), layer, leaf.row.transform, leaf.torch_shape(config),
                             heads, head_dim)
 
+    def add_stacked():
+        # Consecutive leaves stacked over the same layers go layer by layer, as PyTorch orders them.
+        for n in range(stacked[0].layers if stacked else 0):
+            for leaf in stacked:
+                add(leaf, n)
+        stacked.clear()
+
+    def stack_of(leaf):
+        return (leaf.row.stack if isinstance(leaf.row.stack, str) else id(leaf.row.stack), leaf.index)
+
     for leaf in param_layout.leaves(config):
         if leaf.torch_key is None:
             continue
-        if stacked and leaf.row.stack != stacked[0].row.stack:
+        if stacked and (leaf.row.stack is None or stack_of(leaf) != stack_of(stacked[0])):
             add_stacked()
-        if leaf.row.stack:
+        if leaf.row.stack is not None:
             stacked.append(leaf)
         else:
             add(leaf, None)

@@ -23,6 +23,45 @@ def _tuple(value):
 
 
 @dataclasses.dataclass(frozen=True)
+class ConvNeXtConfig:
+    """ConvNeXt trunk (timm `ConvNeXt` field meanings; stem + stages, no head). Defaults are
+    ConvNeXt-L (`convnext_large_mlp`, LLaVA-HR's slow tower; open_clip `convnext_large_d_320`)."""
+
+    depths: tuple[int, ...] = (3, 3, 27, 3)
+    dims: tuple[int, ...] = (192, 384, 768, 1536)
+    patch_size: int = 4  # stem conv kernel = stride
+    kernel_size: int = 7  # depthwise conv of each block
+    norm_eps: float = 1e-6
+    layer_scale: bool = True
+    mlp_ratio: int = 4
+
+    def __post_init__(self):
+        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
+        if not self.depths or len(self.depths) != len(self.dims):
+            raise ValueError(f"convnext depths {self.depths} and dims {self.dims} must be non-empty and "
+                             f"of equal length")
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"convnext kernel_size must be odd (same padding), got {self.kernel_size}")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.depths)
+
+    @property
+    def stride(self) -> int:
+        """Total downsampling of the last stage: the stem patch, then 2x per later stage."""
+        return self.patch_size * 2 ** (self.num_stages - 1)
+
+    @property
+    def width(self) -> int:
+        return self.dims[-1]
+
+
+VISION_TOWERS = ("clip", "mgm")
+
+
+@dataclasses.dataclass(frozen=True)
 class VisionConfig:
     """CLIP ViT tower (HF `CLIPVisionConfig` field meanings)."""
 
@@ -39,15 +78,53 @@ class VisionConfig:
     # index into hidden_states, where 0 is the pre-layernorm output and i the i-th layer output).
     feature_layer: int | tuple[int, ...] = -2
     feature_strategy: str = "default"  # "default" drops CLS, "full" keeps it
+    # Which tower `LlavaModel` builds: "clip" (LLaVA-1.5: the CLIP ViT above).
+    tower: str = "clip"
+    slow: ConvNeXtConfig | None = None  # ConvNeXt trunk of a multi-path tower (LLaVA-HR)
+    # Mini-Gemini (tower "mgm"): the CLIP ViT above is the main tower, run on image_grid² tiles
+    # of the image resized to image_size·image_grid (plus a global view with image_global); `aux`
+    # is the auxiliary ConvNeXt trunk (open_clip convnext_large_d_320) run on the whole image at
+    # image_size_aux, the model's pixel input. See gmod_jax/models/mgm.py.
+    aux: ConvNeXtConfig | None = None
+    image_size_aux: int = 0
+    image_grid: int = 1
+    image_global: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "feature_layer", _tuple(self.feature_layer))
+        if isinstance(self.slow, dict):
+            object.__setattr__(self, "slow", _sub_config(ConvNeXtConfig, "vision.slow", self.slow))
+        if self.tower not in VISION_TOWERS:
+            raise ValueError(f"vision tower must be one of {VISION_TOWERS}, got {self.tower!r}")
         if self.feature_strategy not in ("default", "full"):
             raise ValueError(f"vision feature_strategy must be 'default' or 'full', got {self.feature_strategy!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"vision hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} not divisible by patch_size {self.patch_size}")
+        if isinstance(self.aux, dict):
+            object.__setattr__(self, "aux", _sub_config(ConvNeXtConfig, "vision.aux", self.aux))
+        if self.tower == "mgm":
+            self._check_mgm()
+
+    def _check_mgm(self):
+        """Mini-Gemini's geometry: every aux cell of a CLIP token is a whole p x p block."""
+        if self.aux is None:
+            raise ValueError("vision tower 'mgm' needs vision.aux (the auxiliary ConvNeXt config)")
+        if self.feature_strategy != "default" or len(self.feature_layers) != 1:
+            raise ValueError("vision tower 'mgm' uses one feature layer and drops CLS (feature_strategy 'default')")
+        if self.image_grid < 1:
+            raise ValueError(f"vision.image_grid must be >= 1, got {self.image_grid}")
+        if self.image_global and self.image_grid < 2:
+            raise ValueError("vision.image_global needs image_grid >= 2 (Mini-Gemini adds a global view to tiles)")
+        if self.image_size_aux <= 0 or self.image_size_aux % self.aux.stride:
+            raise ValueError(f"vision.image_size_aux {self.image_size_aux} must be a positive multiple of the "
+                             f"aux trunk's stride {self.aux.stride}")
+        side = self.image_size // self.patch_size
+        view = self.image_size_aux // self.aux.patch_size
+        if view % self.image_grid or (view // self.image_grid) % side:
+            raise ValueError(f"vision.image_size_aux {self.image_size_aux}: the aux map side {view} must split into "
+                             f"image_grid {self.image_grid} views of a multiple of the CLIP grid {side}")
 
     @property
     def num_patches(self) -> int:
@@ -63,8 +140,23 @@ class VisionConfig:
         return tuple(l if l >= 0 else self.num_layers + 1 + l for l in layers)
 
     @property
+    def num_views(self) -> int:
+        """CLIP views per image: Mini-Gemini's image_grid² tiles (+ global view), else 1."""
+        return self.image_grid ** 2 + int(self.image_global) if self.tower == "mgm" else 1
+
+    @property
     def num_image_tokens(self) -> int:
-        return self.num_patches + (1 if self.feature_strategy == "full" else 0)
+        return self.num_views * self.num_patches + (1 if self.feature_strategy == "full" else 0)
+
+    @property
+    def pixel_size(self) -> int:
+        """Side of the model's pixel input: image_size_aux for Mini-Gemini, else image_size."""
+        return self.image_size_aux if self.tower == "mgm" else self.image_size
+
+    @property
+    def mm_hidden_size_aux(self) -> int:
+        """Channels of Mini-Gemini's aux feature map (the concatenated stages; 2880 for ConvNeXt-L)."""
+        return sum(self.aux.dims) if self.aux is not None else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +225,7 @@ class LlamaConfig:
 ATTENTION_IMPLS = ("auto", "xla", "blocked", "cpu_blocked", "cudnn", "splash")
 
 MOD_PLACEMENTS = ("explicit", "arank_mod", "all", "every_2nd", "two_of_three")
+ROUTABLE_SPANS = ("token_types", "first_n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +254,16 @@ class MoDConfig:
     # ratio and the kept set is the unbounded rule's. 1 = always the static bound above.
     threshold_buckets: int = 8
     router_init: str = "kaiming_uniform"  # PyTorch nn.Linear default (LLaVA-HR code); or "xavier_uniform"
+    # Which tokens training may route (skip), on top of `masking`'s token types:
+    # "token_types" (project default): every token of a routable type, i.e. the system prompt and
+    #   the whole image for the official masking;
+    # "first_n": only the routable-type tokens among a row's first `routable_first_n` non-pad
+    #   tokens. Mini-Gemini's γ-MoD code routes the first image_token_number = 2880 positions with
+    #   no +35 for the system prompt, so 35 system + the first 2845 image tokens are routable and
+    #   the last 35 image tokens are always kept; `gamma_mod_mgm(..., routable_span="first_n")`
+    #   sets n = image_seq_length (2880 for HD) for that quirk.
+    routable_span: str = "token_types"
+    routable_first_n: int = 0  # n of "first_n" (> 0 there; unused otherwise)
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
@@ -179,10 +282,19 @@ class MoDConfig:
         if isinstance(self.threshold_buckets, bool) or not isinstance(self.threshold_buckets, int) \
                 or self.threshold_buckets < 1:
             raise ValueError(f"mod.threshold_buckets must be an integer >= 1, got {self.threshold_buckets!r}")
+        if self.router_init not in ("kaiming_uniform", "xavier_uniform"):
+            raise ValueError(f"mod.router_init must be 'kaiming_uniform' or 'xavier_uniform', got {self.router_init!r}")
+        if self.routable_span not in ROUTABLE_SPANS:
+            raise ValueError(f"mod.routable_span must be one of {ROUTABLE_SPANS}, got {self.routable_span!r}")
+        if self.routable_span == "first_n" and self.routable_first_n < 1:
+            raise ValueError(f"mod.routable_span 'first_n' needs mod.routable_first_n >= 1, got {self.routable_first_n}")
 
     @property
-    def routable_types(self) -> tuple[int, ...]:
-        return token_types.MASKING_PRESETS[self.masking]
+    def routable_types(self) -> token_types.RoutableTypes:
+        """Routable token types (and the `first_n` bound of the "first_n" span); what every
+        routing function takes as `routable_types`."""
+        first_n = self.routable_first_n if self.routable_span == "first_n" else None
+        return token_types.RoutableTypes(token_types.MASKING_PRESETS[self.masking], first_n)
 
 
 def mod_layer_indices(placement: str, num_layers: int, layers: tuple[int, ...] = ()) -> tuple[int, ...]:
@@ -216,6 +328,10 @@ class ModelConfig:
     remat: str = "none"  # "none" | "full" | "dots" (jax.checkpoint_policies.dots_saveable)
     scan_layers: bool = True  # lax.scan per group of identical decoder layers
     attention_impl: str = "auto"  # one of ATTENTION_IMPLS (decoder and vision attention)
+    # Mini-Gemini truncates every spliced sequence (image tokens expanded) to this many tokens, in
+    # training and inference; None = no such cut. Applied on the host where the spliced ids are
+    # formed (`truncate_spliced`): the data pipeline's max_length and generate's prompts.
+    tokenizer_model_max_length: int | None = None
 
     def __post_init__(self):
         if self.mod.enabled:
@@ -229,10 +345,23 @@ class ModelConfig:
             raise ValueError(f"remat must be none, full or dots, got {self.remat!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.tokenizer_model_max_length is not None and self.tokenizer_model_max_length < 1:
+            raise ValueError(f"tokenizer_model_max_length must be >= 1 or None, got {self.tokenizer_model_max_length}")
 
     @property
     def image_seq_length(self) -> int:
         return self.vision.num_image_tokens
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of one image's `pixel_values` (channels last): what every call site feeds."""
+        v = self.vision
+        return (v.pixel_size, v.pixel_size, v.num_channels)
+
+    def truncate_spliced(self, length: int) -> int:
+        """Length a spliced sequence of `length` tokens keeps (Mini-Gemini's post-splice cut)."""
+        cap = self.tokenizer_model_max_length
+        return length if cap is None else min(length, cap)
 
     @property
     def mod_layers(self) -> tuple[int, ...]:
@@ -257,16 +386,31 @@ class ModelConfig:
         sub = {"vision": VisionConfig, "projector": ProjectorConfig, "text": LlamaConfig, "mod": MoDConfig}
         for key, klass in sub.items():
             if key in d and isinstance(d[key], dict):
-                fields = {f.name for f in dataclasses.fields(klass)}
-                bad = set(d[key]) - fields
-                if bad:
-                    raise ValueError(f"unknown {key} config fields: {sorted(bad)}")
-                d[key] = klass(**{k: _tuple(v) if k != "rope_scaling" else _rope(v) for k, v in d[key].items()})
+                d[key] = _sub_config(klass, key, d[key])
         return cls(**d)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
         return cls.from_dict(json.loads(text))
+
+
+# Nested config fields inside sub-configs (e.g. VisionConfig's ConvNeXt trunks), by field name.
+_NESTED = {"slow": ConvNeXtConfig, "aux": ConvNeXtConfig}
+
+
+def _sub_config(klass, name: str, values: dict):
+    """Build a sub-config from its `to_dict` form, naming unknown fields by their dotted path."""
+    fields = {f.name for f in dataclasses.fields(klass)}
+    bad = set(values) - fields
+    if bad:
+        raise ValueError(f"unknown {name} config fields: {sorted(bad)}")
+    out = {}
+    for k, v in values.items():
+        if k in _NESTED and isinstance(v, dict):
+            out[k] = _sub_config(_NESTED[k], f"{name}.{k}", v)
+        else:
+            out[k] = _rope(v) if k == "rope_scaling" else _tuple(v)
+    return klass(**out)
 
 
 def _rope(value):
@@ -302,6 +446,51 @@ def gamma_mod(base: ModelConfig, placement: str = "arank_mod", routing_ratio: fl
     """Turn a dense config into its γ-MoD twin (official placement: all but layers 0,1,2,L-1)."""
     idx = mod_layer_indices(placement, base.text.num_layers, layers)
     return base.replace(mod=MoDConfig(enabled=True, layers=idx, routing_ratio=routing_ratio, **mod_kw))
+
+
+def mgm_hd_7b(**mod_kw) -> ModelConfig:
+    """Mini-Gemini-HD-7B as γ-MoD fine-tunes it (MGM's stage_2_full_v7b_672_hr_1536 settings):
+    Vicuna-7B-v1.5, CLIP-L/336 main tower on 2x2 tiles of the image resized to 672 px plus a
+    global view, ConvNeXt-L auxiliary tower (open_clip convnext_large_d_320 trunk: depths 3/3/27/3,
+    dims 192/384/768/1536, LN eps 1e-6) at 1536 px, patch info mining (aux width 2880),
+    mlp2x_gelu, 5 x 576 = 2880 image tokens, spliced sequences cut at 4096 tokens (the script's
+    model_max_length; read the real value from a checkpoint's config.json). Original-layout ids:
+    vocabulary 32000, image placeholder -200."""
+    return ModelConfig(
+        vision=VisionConfig(tower="mgm", aux=ConvNeXtConfig(), image_size_aux=1536, image_grid=2, image_global=True),
+        projector=ProjectorConfig(),
+        text=LlamaConfig(vocab_size=32000, rms_norm_eps=1e-5, max_position_embeddings=4096),
+        image_token_index=-200, pad_token_id=0, tokenizer_model_max_length=4096,
+        mod=MoDConfig(**mod_kw) if mod_kw else MoDConfig(),
+    )
+
+
+def gamma_mod_mgm(base: ModelConfig, placement: str = "arank_mod", routing_ratio: float = 0.5,
+                  routable_span: str = "token_types", **mod_kw) -> ModelConfig:
+    """γ-MoD twin of a Mini-Gemini config as the MGM code builds it: xavier-uniform router init;
+    routable span from token types (project default, system prompt + image), or "first_n" for the
+    official quirk, n = the image token count with no allowance for the system prompt (2880 for
+    HD: 35 system + the first 2845 image tokens routable, the last 35 image tokens kept)."""
+    first_n = base.image_seq_length if routable_span == "first_n" else 0
+    mod_kw = {"router_init": "xavier_uniform", **mod_kw}
+    return gamma_mod(base, placement, routing_ratio, routable_span=routable_span, routable_first_n=first_n, **mod_kw)
+
+
+def gamma_mod_mgm_hd_7b(routing_ratio: float = 0.5, routable_span: str = "token_types") -> ModelConfig:
+    """γ-MoD-Mini-Gemini-HD-7B (YaxinLuo/Gamma-MoD-Mini-Gemini-HD-7b-0.5 at ratio 0.5)."""
+    return gamma_mod_mgm(mgm_hd_7b(), "arank_mod", routing_ratio, routable_span)
+
+
+def tiny_mgm(image_grid: int = 2, image_global: bool = True, **kw) -> ModelConfig:
+    """`tiny()` with a Mini-Gemini vision stack on the same code paths as 7B: CLIP 28 px / patch 14
+    (2x2 tokens per view), a 4-stage ConvNeXt (aux width 80), aux image 32 px per grid cell (cells
+    of 4 x 4 aux vectors); grid 2 + global view gives 20 image tokens, grid 1 gives 4."""
+    base = tiny()
+    vision = dataclasses.replace(
+        base.vision, tower="mgm", aux=ConvNeXtConfig(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), patch_size=4),
+        image_size_aux=32 * image_grid, image_grid=image_grid, image_global=image_global)
+    cfg = base.replace(vision=vision)
+    return cfg.replace(**kw) if kw else cfg
 
 
 def tiny(**kw) -> ModelConfig:

@@ -23,7 +23,7 @@ import dataclasses
 import re
 from typing import Callable
 
-from gmod_jax.config import ModelConfig
+from gmod_jax.config import ConvNeXtConfig, ModelConfig
 
 TRANSFORMS = {
     "copy": "as is",
@@ -45,11 +45,13 @@ class Row:
         function of `{i}` for repeated leaves whose axes depend on it.
     shape / torch_shape: Flax shape (with the stack axis for stacked leaves) and the PyTorch
         shape of one layer's tensor; functions of (config, i) for repeated leaves.
-    stack: "vision" or "llm" for leaves stacked over that tower's layers (`{n}` in the key).
+    stack: "vision" or "llm" for leaves stacked over that tower's layers (`{n}` in the key), or
+        a function (config, i) -> count for other stacks (a ConvNeXt stage's blocks).
     heads: (heads, head_dim) for the head-splitting transforms.
     present: whether a config has this leaf (optional biases, untied head, γ-MoD router).
-    repeat: the values `{i}` takes for a config. Consecutive repeated rows are emitted index by
-        index (fc1 kernel, fc1 bias, fc2 kernel, ...), the order of the PyTorch modules.
+    repeat: the values `{i}` takes for a config. Consecutive repeated rows of one `group` are
+        emitted index by index (fc1 kernel, fc1 bias, fc2 kernel, ...), the order of the PyTorch
+        modules.
     torch_key: None for leaves the converter places itself (the γ-MoD router).
     """
 
@@ -59,11 +61,20 @@ class Row:
     torch_key: str | None = None
     torch_shape: Shape | None = None
     transform: str = "copy"
-    stack: str | None = None
+    stack: str | Callable[[ModelConfig, int | None], int] | None = None
     heads: Callable[[ModelConfig], tuple[int, int]] | None = None
     present: Callable[[ModelConfig], bool] = lambda c: True
     repeat: Callable[[ModelConfig], range] | None = None
+    group: str | None = None
     note: str = ""
+
+    def layers(self, config: ModelConfig, index: int | None) -> int | None:
+        """How many layers a stacked leaf holds (None: not stacked)."""
+        if self.stack is None:
+            return None
+        if callable(self.stack):
+            return int(self.stack(config, index))
+        return config.vision.num_layers if self.stack == "vision" else config.text.num_layers
 
     @property
     def pattern(self) -> re.Pattern:
@@ -135,6 +146,100 @@ def _vision_rows() -> list[Row]:
     return rows
 
 
+def convnext_rows(path: str, torch_prefix: str, trunk: Callable[[ModelConfig], ConvNeXtConfig],
+                  present: Callable[[ModelConfig], bool], layer_scale_key: str,
+                  stem: str = "stem", stages: str = "stages") -> list[Row]:
+    """A timm-architecture ConvNeXt trunk (`gmod_jax.models.convnext`) under `path`, its PyTorch
+    keys under `torch_prefix` (stem `{stem}.{0,1}`, stage i `{stages}.{i}.downsample.{0,1}` and
+    `{stages}.{i}.blocks.{n}.*`). Blocks are stacked per stage; the layer scale is named
+    `gamma` by timm and open_clip, `weight` in LLaVA-HR's vendored copy."""
+    dim = lambda c, i: trunk(c).dims[i]  # noqa: E731
+    prev = lambda c, i: trunk(c).dims[i - 1]  # noqa: E731
+    hidden = lambda c, i: trunk(c).mlp_ratio * trunk(c).dims[i]  # noqa: E731
+    depth = lambda c, i: trunk(c).depths[i]  # noqa: E731
+    k = lambda c: trunk(c).kernel_size  # noqa: E731
+    every = lambda c: range(trunk(c).num_stages)  # noqa: E731
+    later = lambda c: range(1, trunk(c).num_stages)  # noqa: E731
+    t = torch_prefix
+    block = f"{t}{stages}.{{i}}.blocks.{{n}}."
+    group = path
+    rows = [
+        Row(f"{path}/stem/conv/kernel", (None, None, None, "embed"),
+            lambda c: (trunk(c).patch_size, trunk(c).patch_size, c.vision.num_channels, trunk(c).dims[0]),
+            f"{t}{stem}.0.weight",
+            lambda c: (trunk(c).dims[0], c.vision.num_channels, trunk(c).patch_size, trunk(c).patch_size), "conv",
+            present=present),
+    ]
+    for leaf, key, kind in (("stem/conv/bias", f"{stem}.0.bias", "copy"), ("stem/norm/scale", f"{stem}.1.weight", "copy"),
+                            ("stem/norm/bias", f"{stem}.1.bias", "copy")):
+        rows.append(Row(f"{path}/{leaf}", None, lambda c: (trunk(c).dims[0],), t + key,
+                        lambda c: (trunk(c).dims[0],), kind, present=present))
+    down = f"{t}{stages}.{{i}}.downsample."
+    rows += [
+        Row(f"{path}/stages_{{i}}/downsample/norm/scale", None, lambda c, i: (prev(c, i),), down + "0.weight",
+            lambda c, i: (prev(c, i),), present=present, repeat=later, group=group),
+        Row(f"{path}/stages_{{i}}/downsample/norm/bias", None, lambda c, i: (prev(c, i),), down + "0.bias",
+            lambda c, i: (prev(c, i),), present=present, repeat=later, group=group),
+        Row(f"{path}/stages_{{i}}/downsample/conv/kernel", (None, None, None, "embed"),
+            lambda c, i: (2, 2, prev(c, i), dim(c, i)), down + "1.weight", lambda c, i: (dim(c, i), prev(c, i), 2, 2),
+            "conv", present=present, repeat=later, group=group),
+        Row(f"{path}/stages_{{i}}/downsample/conv/bias", None, lambda c, i: (dim(c, i),), down + "1.bias",
+            lambda c, i: (dim(c, i),), present=present, repeat=later, group=group),
+        Row(f"{path}/stages_{{i}}/blocks/conv_dw/kernel", ("layers", None, None, None, "embed"),
+            lambda c, i: (depth(c, i), k(c), k(c), 1, dim(c, i)), block + "conv_dw.weight",
+            lambda c, i: (dim(c, i), 1, k(c), k(c)), "conv", stack=depth, present=present, repeat=every, group=group),
+    ]
+    for leaf, key, axes, shape, torch_shape, kind in (
+            ("conv_dw/bias", "conv_dw.bias", ("layers", "norm"), dim, dim, "copy"),
+            ("norm/scale", "norm.weight", ("layers", "norm"), dim, dim, "copy"),
+            ("norm/bias", "norm.bias", ("layers", "norm"), dim, dim, "copy")):
+        rows.append(Row(f"{path}/stages_{{i}}/blocks/{leaf}", axes, lambda c, i, f=shape: (depth(c, i), f(c, i)),
+                        block + key, lambda c, i, f=torch_shape: (f(c, i),), kind, stack=depth, present=present,
+                        repeat=every, group=group))
+    rows += [
+        Row(f"{path}/stages_{{i}}/blocks/mlp/fc1/kernel", ("layers", "embed", "mlp"),
+            lambda c, i: (depth(c, i), dim(c, i), hidden(c, i)), block + "mlp.fc1.weight",
+            lambda c, i: (hidden(c, i), dim(c, i)), "linear", stack=depth, present=present, repeat=every, group=group),
+        Row(f"{path}/stages_{{i}}/blocks/mlp/fc1/bias", ("layers", "mlp"), lambda c, i: (depth(c, i), hidden(c, i)),
+            block + "mlp.fc1.bias", lambda c, i: (hidden(c, i),), stack=depth, present=present, repeat=every,
+            group=group),
+        Row(f"{path}/stages_{{i}}/blocks/mlp/fc2/kernel", ("layers", "mlp", "embed"),
+            lambda c, i: (depth(c, i), hidden(c, i), dim(c, i)), block + "mlp.fc2.weight",
+            lambda c, i: (dim(c, i), hidden(c, i)), "linear", stack=depth, present=present, repeat=every, group=group),
+        Row(f"{path}/stages_{{i}}/blocks/mlp/fc2/bias", ("layers", "norm"), lambda c, i: (depth(c, i), dim(c, i)),
+            block + "mlp.fc2.bias", lambda c, i: (dim(c, i),), stack=depth, present=present, repeat=every,
+            group=group),
+        Row(f"{path}/stages_{{i}}/blocks/layer_scale", ("layers", "norm"), lambda c, i: (depth(c, i), dim(c, i)),
+            block + layer_scale_key, lambda c, i: (dim(c, i),), stack=depth,
+            present=lambda c: present(c) and trunk(c).layer_scale, repeat=every, group=group),
+    ]
+    return rows
+
+
+def _mgm_rows() -> list[Row]:
+    """Mini-Gemini's auxiliary ConvNeXt trunk (open_clip names, `gamma` layer scale) and the
+    patch-info-mining projectors (LayerNorm + Linear: query on CLIP width, key/value on the aux
+    map's concatenated stage widths)."""
+    mgm = lambda c: c.vision.tower == "mgm"  # noqa: E731
+    rows = convnext_rows("vision/aux", "vision_tower_aux.", lambda c: c.vision.aux, mgm, "gamma",
+                         stem="vision_stem", stages="vision_stages")
+    d = lambda c: c.vision.hidden_size  # noqa: E731
+    for name, torch_name, d_in in (("uni_query", "vlm_uni_query_projector", d),
+                                   ("uni_aux", "vlm_uni_aux_projector", lambda c: c.vision.mm_hidden_size_aux),
+                                   ("uni_val", "vlm_uni_val_projector", lambda c: c.vision.mm_hidden_size_aux)):
+        rows += [
+            Row(f"vision/{name}/ln/scale", None, lambda c, f=d_in: (f(c),), f"{torch_name}.0.weight",
+                lambda c, f=d_in: (f(c),), present=mgm),
+            Row(f"vision/{name}/ln/bias", None, lambda c, f=d_in: (f(c),), f"{torch_name}.0.bias",
+                lambda c, f=d_in: (f(c),), present=mgm),
+            Row(f"vision/{name}/fc/kernel", ("embed", "mlp"), lambda c, f=d_in: (f(c), d(c)), f"{torch_name}.1.weight",
+                lambda c, f=d_in: (d(c), f(c)), "linear", present=mgm),
+            Row(f"vision/{name}/fc/bias", None, lambda c: (d(c),), f"{torch_name}.1.bias", lambda c: (d(c),),
+                present=mgm),
+        ]
+    return rows
+
+
 def _projector_rows() -> list[Row]:
     d = lambda c: c.text.hidden_size  # noqa: E731
     d_in = lambda c: c.vision.hidden_size * len(c.vision.feature_layers)  # noqa: E731
@@ -143,10 +248,10 @@ def _projector_rows() -> list[Row]:
         # Megatron pairs: the first linear column-parallel, the next ones row-parallel.
         Row("projector/fc{i}/kernel", lambda i: ("embed", "mlp") if i == 1 else ("mlp", "embed"),
             lambda c, i: (d_in(c) if i == 1 else d(c), d(c)), "multi_modal_projector.linear_{i}.weight",
-            lambda c, i: (d(c), d_in(c) if i == 1 else d(c)), "linear", repeat=depth,
+            lambda c, i: (d(c), d_in(c) if i == 1 else d(c)), "linear", repeat=depth, group="projector",
             note="fc1 [embed, mlp] (column-parallel), later ones [mlp, embed] (row-parallel)"),
         Row("projector/fc{i}/bias", None, lambda c, i: (d(c),), "multi_modal_projector.linear_{i}.bias",
-            lambda c, i: (d(c),), present=lambda c: c.projector.bias, repeat=depth),
+            lambda c, i: (d(c),), present=lambda c: c.projector.bias, repeat=depth, group="projector"),
     ]
 
 
@@ -203,7 +308,7 @@ def _llm_rows() -> list[Row]:
     return rows
 
 
-ROWS: tuple[Row, ...] = tuple(_vision_rows() + _projector_rows() + _llm_rows())
+ROWS: tuple[Row, ...] = tuple(_vision_rows() + _mgm_rows() + _projector_rows() + _llm_rows())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +319,11 @@ class Leaf:
     shape: tuple[int, ...]
     row: Row
     index: int | None = None  # the value of `{i}`
+
+    @property
+    def layers(self) -> int | None:
+        """Stacked layers (the leading axis), or None."""
+        return self.shape[0] if self.row.stack is not None else None
 
     @property
     def torch_key(self) -> str | None:
@@ -241,6 +351,8 @@ def leaves(config: ModelConfig) -> list[Leaf]:
     for row in ROWS:
         if not row.present(config):
             continue
+        if run and row.group != run[0].group:
+            flush()
         if row.repeat:
             run.append(row)
             continue

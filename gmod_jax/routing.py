@@ -68,10 +68,20 @@ def _xp(*arrays):
 
 
 def routable_mask(token_types, routable_types) -> jax.Array | np.ndarray:
-    """bool [B, T]: tokens the router may skip (every other token, PAD included, is forced in)."""
+    """bool [B, T]: tokens the router may skip (every other token, PAD included, is forced in).
+
+    `routable_types` is a tuple of token types or a `token_types.RoutableTypes`; with a
+    `first_n` bound only a row's first n non-pad tokens can be routable (left padding does not
+    move the bound).
+    """
     xp = _xp(token_types)
     token_types = xp.asarray(token_types)
-    return xp.isin(token_types, xp.asarray(tuple(routable_types), dtype=token_types.dtype))
+    mask = xp.isin(token_types, xp.asarray(tuple(routable_types), dtype=token_types.dtype))
+    first_n = getattr(routable_types, "first_n", None)
+    if first_n is not None:
+        position = xp.cumsum(token_types != tt.PAD, axis=-1) - 1
+        mask = mask & (position < first_n)
+    return mask
 
 
 def _ratio_fraction(routing_ratio: float) -> tuple[int, int]:

@@ -29,6 +29,33 @@ MASKING_PRESETS: dict[str, tuple[int, ...]] = {
 }
 
 
+class RoutableTypes(tuple):
+    """The routable token types of a MoD config, optionally bounded to a row's first `first_n`
+    non-pad positions.
+
+    It is a tuple of type ids (so `len`, iteration and `np.isin` see the types), and the routing
+    functions (`gmod_jax.routing.routable_mask`, `skip_counts`, `select_topk`) also honour the
+    bound. The bound reproduces Mini-Gemini's γ-MoD code, which routes the first
+    `image_token_number` = 2880 positions whatever they hold (35 system tokens and the first 2845
+    image tokens), so the last 35 image tokens are always kept (`MoDConfig.routable_span`).
+    """
+
+    first_n: int | None
+
+    def __new__(cls, types, first_n: int | None = None):
+        obj = super().__new__(cls, (int(t) for t in types))
+        if first_n is not None and first_n < 1:
+            raise ValueError(f"routable first_n must be >= 1, got {first_n}")
+        obj.first_n = first_n
+        return obj
+
+    def __repr__(self):
+        return f"RoutableTypes({tuple(self)!r}, first_n={self.first_n})"
+
+    def __reduce__(self):
+        return (RoutableTypes, (tuple(self), self.first_n))
+
+
 def infer_token_types(input_ids, image_token_index: int, attention_mask=None) -> np.ndarray:
     """Token types for inputs that come without them (inference on raw prompts).
 

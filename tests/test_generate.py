@@ -23,9 +23,8 @@ def random_params(cfg, seed=0, router_std=0.5):
     `init` has to be compiled. Norm scales 1, biases 0, matrices N(0, 0.05²), and a router sharp
     enough (keep-probs pushed towards 0 and 1) that both the prefill (0.005) and the decode (0.5)
     thresholds skip some tokens and keep others."""
-    ids = np.zeros((1, cfg.image_seq_length), np.int32)
-    px = np.zeros((1, cfg.vision.image_size, cfg.vision.image_size, cfg.vision.num_channels), np.float32)
-    shapes = jax.eval_shape(lambda r: LlavaModel(cfg).init(r, ids, px)["params"], jax.random.PRNGKey(0))
+    shapes = jax.eval_shape(lambda r: LlavaModel(cfg).init(r, method=LlavaModel.declare_params)["params"],
+                            jax.random.PRNGKey(0))
     rng = np.random.default_rng(seed)
 
     def leaf(path, s):

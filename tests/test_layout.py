@@ -132,6 +132,6 @@ def test_the_rules_catch_a_forbidden_import_and_a_cycle():
     assert _cycles(graph) == [["gmod_jax.a", "gmod_jax.b"]]
 
 
-@pytest.mark.parametrize("module", ["gmod_jax.inference.reference", "gmod_jax.eval.synthetic_files"])
+@pytest.mark.parametrize("module", ["tests.support.reference", "tests.support.eval_files"])
 def test_test_only_oracles_are_not_shipped(module):
     assert module not in _modules()

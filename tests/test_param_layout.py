@@ -35,6 +35,8 @@ CONFIGS = {
         vision=dataclasses.replace(C.tiny().vision, feature_layer=(-2, -1))),
     "LLaVA-1.5-7B γ-MoD": C.gamma_mod(C.llava_v15_7b()),
     "LLaVA-1.5-13B": C.llava_v15_13b(),
+    "tiny Mini-Gemini (grid 2 + global)": C.tiny_mgm(),
+    "Mini-Gemini-HD-7B γ-MoD": C.gamma_mod_mgm_hd_7b(),
 }
 
 

@@ -159,8 +159,7 @@ class SyntheticBatches:
         ids[start:start + a_len] = answer
         types[start:start + a_len] = tt.ANSWER
         labels = np.where(types == tt.ANSWER, ids, IGNORE_INDEX).astype(np.int32)
-        v = m.vision
-        pixels = rng.standard_normal((v.image_size, v.image_size, v.num_channels), dtype=np.float32)
+        pixels = rng.standard_normal(m.pixel_shape, dtype=np.float32)
         return ids, labels, types, pixels
 
     def batch_at(self, step: int) -> dict[str, np.ndarray]:

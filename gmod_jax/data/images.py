@@ -46,6 +46,14 @@ class ImageConfig:
         return np.zeros((self.image_size, self.image_size, 3), np.float32)
 
 
+def image_config_for(model_config, aspect: str = "pad") -> ImageConfig:
+    """The host preprocessing a `gmod_jax.config.ModelConfig` takes, in one place: the image is
+    prepared at `model_config.pixel_shape` (CLIP's image_size for LLaVA; Mini-Gemini's
+    image_size_aux, whose processor is the CLIP one at that size: the model derives its CLIP views
+    from this tensor on the device)."""
+    return ImageConfig(image_size=model_config.pixel_shape[0], aspect=aspect)
+
+
 def load_image(source, name: str | None = None) -> Image.Image:
     """Open an image from a path, raw bytes or a PIL image as RGB; BadRecord names the file."""
     if isinstance(source, Image.Image):

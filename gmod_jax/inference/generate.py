@@ -403,13 +403,18 @@ def expand_prompt(config: ModelConfig, ids, types=None):
         repeats = np.where(is_placeholder, config.image_seq_length, 1)
         ids = np.repeat(np.where(is_placeholder, config.image_token_index, ids), repeats)
         types = None if types is None else np.repeat(types, repeats)
+    keep = config.truncate_spliced(ids.size)  # Mini-Gemini's post-splice cut (tokenizer_model_max_length)
+    if keep < ids.size:
+        if np.any(ids[keep:] == config.image_token_index):
+            raise ValueError(f"prompt of {ids.size} tokens: the cut to tokenizer_model_max_length={keep} "
+                             f"would split its image block")
+        ids, types = ids[:keep], None if types is None else types[:keep]
     return ids.astype(np.int32), types
 
 
 def prepare_images(config: ModelConfig, pixel_values, prompts: list[np.ndarray]):
     """[B,H,W,C] float32 with a blank image for rows that have none, or None for text-only batches."""
-    v = config.vision
-    shape = (v.image_size, v.image_size, v.num_channels)
+    shape = config.pixel_shape
     has_image = [bool(np.any(p == config.image_token_index)) for p in prompts]
     for row, (p, h) in enumerate(zip(prompts, has_image)):
         n = int(np.sum(p == config.image_token_index))
@@ -527,7 +532,7 @@ def generate(model, prompts: Sequence[dict], *, tokenizer=None, template: str = 
     `gmod_jax.data.tokenizer.Tokenizer` or a path; by default the checkpoint directory's.
     Returns `generate_ids`' output with `.texts` filled in.
     """
-    from gmod_jax.data.images import ImageConfig, preprocess_image
+    from gmod_jax.data.images import image_config_for, preprocess_image
     from gmod_jax.data.templates import IMAGE_TAG, render_prompt
     from gmod_jax.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -538,7 +543,7 @@ def generate(model, prompts: Sequence[dict], *, tokenizer=None, template: str = 
         tokenizer = load_tokenizer(model.path)
     elif not isinstance(tokenizer, Tokenizer):
         tokenizer = load_tokenizer(tokenizer)
-    image_config = ImageConfig(image_size=config.vision.image_size, aspect=image_aspect)
+    image_config = image_config_for(config, aspect=image_aspect)
 
     ids_list, types_list, images = [], [], []
     for i, prompt in enumerate(prompts):

@@ -11,7 +11,12 @@ from gmod_jax import token_types as tt
 from gmod_jax.config import ModelConfig
 from gmod_jax.models.clip_vit import ClipVisionTower
 from gmod_jax.models.llama import LlamaDecoder, RoutingPlan
+from gmod_jax.models.mgm import MGMVisionTower
 from gmod_jax.models.projector import Projector
+
+# `VisionConfig.tower` -> the module `LlavaModel` builds as `vision`; each maps pixel_values
+# [N, *ModelConfig.pixel_shape] to features [N, ModelConfig.image_seq_length, D] for the projector.
+VISION_TOWERS = {"clip": ClipVisionTower, "mgm": MGMVisionTower}
 
 
 def merge_image_features(text_embeds, input_ids, image_features, image_token_index: int):
@@ -47,7 +52,7 @@ class LlavaModel(nn.Module):
     config: ModelConfig
 
     def setup(self):
-        self.vision = ClipVisionTower(self.config)
+        self.vision = VISION_TOWERS[self.config.vision.tower](self.config)
         self.projector = Projector(self.config)
         self.llm = LlamaDecoder(self.config)
 
