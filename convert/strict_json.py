@@ -1,0 +1,36 @@
+"""JSON parsing for untrusted checkpoint files: errors name the file, duplicate keys are refused.
+
+`json.loads` silently keeps the last of duplicated keys (which tensor location, which config
+value did the author mean?) and raises RecursionError on deeply nested input; both become a
+ConversionError naming the file here.
+"""
+
+from __future__ import annotations
+
+import json
+
+from convert.errors import ConversionError
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs):
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _Duplicate(f"key {key[:80]!r} appears twice")
+        obj[key] = value
+    return obj
+
+
+def loads(raw: bytes | str, where: str, error: type[ConversionError] = ConversionError, what: str = "JSON"):
+    try:
+        return json.loads(raw, object_pairs_hook=_no_duplicates)
+    except _Duplicate as e:
+        raise error(f"{where}: ambiguous {what}: {e}") from None
+    except RecursionError:
+        raise error(f"{where}: corrupt {what}: nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise error(f"{where}: corrupt {what}: {str(e)[:200]}") from None
