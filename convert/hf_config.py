@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -203,19 +204,29 @@ class _Fields:
             return None
         return tuple(value) if isinstance(value, list) else value
 
-    def build(self, klass, **kwargs):
-        """klass(**kwargs) with its validation problems (gmod_jax.config.ConfigError) collected;
-        None if a field read already failed (that problem is reported instead)."""
+    def build(self, klass, names: dict[str, str] | None = None, **kwargs):
+        """klass(**kwargs) with its validation problems (gmod_jax.config.ConfigError) collected,
+        the project's field names (`text.num_heads`) spelled as this file's (`names`); None if a
+        field read already failed (that problem is reported instead)."""
         if any(v is None for k, v in kwargs.items() if k not in _OPTIONAL_FIELDS):
             return None
         try:
             return klass(**kwargs)
         except ConfigError as e:
-            self.problems.extend(f"{self.where}: {p}" for p in e.problems)
+            names = names or {}
+            self.problems.extend(f"{self.where}: " + _PROJECT_FIELD.sub(lambda m: names.get(m.group(0), m.group(0)), p)
+                                 for p in e.problems)
             return None
+
+    def names(self, section: str, klass, renames: dict[str, str]) -> dict[str, str]:
+        """`section.field` of the project's config -> this file's dotted name of that field."""
+        return {f"{section}.{f.name}": self.prefix + renames.get(f.name, f.name) for f in dataclasses.fields(klass)}
 
 
 _OPTIONAL_FIELDS = ("head_dim", "rope_scaling", "pad_token_id")
+_PROJECT_FIELD = re.compile(r"\b(?:text|vision|mod|projector|config)\.[a-z_]+")
+_LAYER_FIELDS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                 "num_kv_heads": "num_key_value_heads"}
 
 
 def _raise_problems(problems: list[str], where: str):
@@ -255,8 +266,9 @@ def _llama(text: _Fields, nested: bool = True) -> LlamaConfig | None:
         raise UnsupportedFormatError(f"{text.where}: hidden_act {short(act)} is not supported (only silu)")
     theta, scaling = _rope(text)
     heads = text.int("num_attention_heads", LLAMA_DEFAULTS["num_attention_heads"])
+    rope_field = "rope_parameters" if text.data.get("rope_parameters") is not None else "rope_scaling"
     return text.build(
-        LlamaConfig,
+        LlamaConfig, text.names("text", LlamaConfig, {**_LAYER_FIELDS, "rope_scaling": rope_field}),
         vocab_size=text.int("vocab_size", LLAMA_DEFAULTS["vocab_size"]),
         hidden_size=text.int("hidden_size", LLAMA_DEFAULTS["hidden_size"]),
         intermediate_size=text.int("intermediate_size", LLAMA_DEFAULTS["intermediate_size"]),
@@ -276,8 +288,11 @@ def _llama(text: _Fields, nested: bool = True) -> LlamaConfig | None:
     )
 
 
-def _vision_tower(v: _Fields | None, defaults: dict, fallback: _Fields):
-    """(fields, num_layers) of a CLIP vision config; `fallback` receives problems when `v` is None."""
+def _vision_tower(v: _Fields | None, defaults: dict, fallback: _Fields, invalid: bool = False):
+    """(fields, num_layers) of a CLIP vision config, all defaults when `v` is None; (None, None)
+    when `invalid` (the section exists but is not an object, which `section` reported)."""
+    if v is None and invalid:
+        return None, None
     fields = v if v is not None else _Fields({}, fallback.where, "vision_config.", fallback.problems)
     model_type = fields.raw("model_type", "clip_vision_model")
     if model_type not in ("clip_vision_model", "clip"):
@@ -289,9 +304,11 @@ def _vision_tower(v: _Fields | None, defaults: dict, fallback: _Fields):
     return fields, fields.int("num_hidden_layers", defaults["num_hidden_layers"])
 
 
-def _vision(fields: _Fields, defaults: dict, num_layers, feature_layer, strategy) -> VisionConfig | None:
+def _vision(fields: _Fields | None, defaults: dict, num_layers, feature_layer, strategy) -> VisionConfig | None:
+    if fields is None:  # the vision section is not an object (reported)
+        return None
     return fields.build(
-        VisionConfig,
+        VisionConfig, fields.names("vision", VisionConfig, _LAYER_FIELDS),
         hidden_size=fields.int("hidden_size", defaults["hidden_size"]),
         intermediate_size=fields.int("intermediate_size", defaults["intermediate_size"]),
         num_layers=num_layers,
@@ -333,7 +350,7 @@ def hf_llava_config(raw: dict, where: str = "config.json") -> SourceConfig:
     llama = _llama(text)
     vision_section = root.section("vision_config")
     defaults = CLIP_VISION_DEFAULTS if raw.get("vision_config") is not None else CLIP_L_336
-    v, depth = _vision_tower(vision_section, defaults, root)
+    v, depth = _vision_tower(vision_section, defaults, root, invalid=raw.get("vision_config") is not None)
     strategy = root.str("vision_feature_select_strategy", "default", ("default", "full"))
     feature_layer = root.feature_layer("vision_feature_layer", -2, depth)
     vision = _vision(v, defaults, depth, feature_layer, strategy)
@@ -377,9 +394,9 @@ def original_llava_config(raw: dict, vision_tower_dir: str | os.PathLike | None 
         # A full CLIPModel config nests the tower; a CLIPVisionModel config is the tower itself.
         nested = tower_cfg.raw("model_type") == "clip" or "vision_config" in tower_cfg.data
         section = tower_cfg.section("vision_config") if nested else tower_cfg
-        v, depth = _vision_tower(section, defaults, tower_cfg)
+        v, depth = _vision_tower(section, defaults, tower_cfg, invalid=tower_cfg.raw("vision_config") is not None)
     elif raw.get("mm_vision_config") is not None:  # written by convert.to_hf --format gamma_mod
-        v, depth = _vision_tower(root.section("mm_vision_config"), defaults, root)
+        v, depth = _vision_tower(root.section("mm_vision_config"), defaults, root, invalid=True)
     elif tower_name is None or tower_name.rstrip("/").endswith("clip-vit-large-patch14-336"):
         defaults = CLIP_L_336
         v, depth = _Fields({}, where, "mm_vision_config.", root.problems), CLIP_L_336["num_hidden_layers"]
@@ -395,7 +412,8 @@ def original_llava_config(raw: dict, vision_tower_dir: str | os.PathLike | None 
     if projector_type not in (None, "linear") and not PROJECTOR_TYPE.match(projector_type):
         raise UnsupportedFormatError(f"{where}: unknown projector type {short(projector_type)} (expected 'linear' "
                                      "or 'mlpNx_gelu')")
-    projector = root.build(ProjectorConfig, type=projector_type, bias=True, hidden_act="gelu")
+    projector = root.build(ProjectorConfig, {"projector.type": "mm_projector_type"}, type=projector_type, bias=True,
+                           hidden_act="gelu")
     mm_hidden = root.int("mm_hidden_size")
     if mm_hidden is not None and vision is not None and mm_hidden != vision.hidden_size * len(vision.feature_layers):
         root.fail("mm_hidden_size", f"{mm_hidden} contradicts the vision tower's hidden size {vision.hidden_size}")
@@ -407,7 +425,7 @@ def original_llava_config(raw: dict, vision_tower_dir: str | os.PathLike | None 
         "source_dtype": _source_dtype(raw),
     }
     mod_section = root.section("mod")
-    if kind == KIND_GAMMA_MOD and llama is not None:
+    if kind == KIND_GAMMA_MOD and llama is not None and (mod_section is not None or raw.get("mod") is None):
         mod, mod_extras = _mod(mod_section or _Fields({}, where, "mod.", root.problems), llama.num_layers)
         extras.update(mod_extras)
     pad = _pad_token_id(root, "pad_token_id", None, llama.vocab_size if llama else None)
@@ -434,12 +452,14 @@ def _mod(mod: _Fields, num_layers: int) -> tuple[MoDConfig, dict]:
         mod.fail("mod_layers_idx", f"{short(bad)} outside 0..{num_layers - 1}")
         return MoDConfig(), extras
     coef = mod.float("router_aux_loss_coef", 0.01, positive=False)
-    config = mod.build(MoDConfig, enabled=True, layers=tuple(sorted(set(layers))), router_aux_loss_coef=coef)
+    config = mod.build(MoDConfig, {**mod.names("mod", MoDConfig, {}), "mod.layers": "mod.mod_layers_idx"}, enabled=True,
+                       layers=tuple(sorted(set(layers))), router_aux_loss_coef=coef)
     return config or MoDConfig(), extras
 
 
 def _model_config(root: _Fields, vision, projector, llama, mod, image_token, pad) -> ModelConfig:
-    model = root.build(ModelConfig, vision=vision, projector=projector, text=llama, mod=mod,
+    names = {**root.names("config", ModelConfig, {}), "mod.layers": "mod.mod_layers_idx"}
+    model = root.build(ModelConfig, names, vision=vision, projector=projector, text=llama, mod=mod,
                        image_token_index=image_token, pad_token_id=pad)
     _raise_problems(root.problems, root.where)
     return model

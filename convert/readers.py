@@ -131,12 +131,20 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict]:
         problems.append(f"{path}: safetensors __metadata__ must be an object of strings, got {short(metadata)}")
         metadata = {}
     data_start = 8 + header_len
-    data_size = size - data_start
     entries = {}
+    past_end = []  # (end byte, key) of tensors beyond a truncated file: one problem for all of them
     for key, info in header.items():
-        entry = _safetensors_entry(path, key, info, data_start, data_size, problems)
-        if entry is not None:
-            entries[key] = entry
+        entry = _safetensors_entry(path, key, info, data_start, problems)
+        if entry is None:
+            continue
+        if entry.locator[0] + entry.nbytes > size:
+            past_end.append((data_start + info["data_offsets"][1], key))
+            continue
+        entries[key] = entry
+    if past_end:
+        end, key = min(past_end)
+        more = f" (+{len(past_end) - 1} more tensors past the end)" if len(past_end) > 1 else ""
+        problems.append(f"{path}: truncated file: tensor {key[:200]!r} ends at byte {end}, file has {size} bytes{more}")
     spans = sorted((e.locator[0], e.locator[0] + e.nbytes, k) for k, e in entries.items() if e.nbytes)
     for (_, end, key), (begin, _, other) in zip(spans, spans[1:]):
         if begin < end:
@@ -145,8 +153,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict]:
     return entries, metadata
 
 
-def _safetensors_entry(path: Path, key: str, info, data_start: int, data_size: int,
-                       problems: list[str]) -> TensorEntry | None:
+def _safetensors_entry(path: Path, key: str, info, data_start: int, problems: list[str]) -> TensorEntry | None:
     """One header entry -> TensorEntry, or None with the reason appended to `problems`."""
     where = f"{path}: tensor {key[:200]!r}"
     if _bad_name(key):
@@ -176,10 +183,6 @@ def _safetensors_entry(path: Path, key: str, info, data_start: int, data_size: i
     expected = math.prod(shape) * np_dtype.itemsize  # Python ints: a hostile shape cannot overflow
     if end - begin != expected:
         problems.append(f"{where}: header offsets [{begin}, {end}) do not match {dtype} {short(shape)}")
-        return None
-    if end > data_size:
-        problems.append(f"{path}: truncated file: tensor {key[:200]!r} ends at byte {data_start + end}, file has "
-                        f"{data_start + data_size} bytes")
         return None
     return TensorEntry(key, path, np_dtype, tuple(shape), (data_start + begin,))
 

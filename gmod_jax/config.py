@@ -179,9 +179,9 @@ class VisionConfig:
                 object.__setattr__(self, "feature_layer",
                                    tuple(int(l) for l in layers) if isinstance(layers, tuple) else int(layers))
         if sizes and self.hidden_size % self.num_heads:
-            f.problems.append(f"vision hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+            f.problems.append(f"vision.hidden_size {self.hidden_size} not divisible by vision.num_heads {self.num_heads}")
         if sizes and self.image_size % self.patch_size:
-            f.problems.append(f"image_size {self.image_size} not divisible by patch_size {self.patch_size}")
+            f.problems.append(f"vision.image_size {self.image_size} not divisible by vision.patch_size {self.patch_size}")
         f.raise_if_any()
 
     @property
@@ -264,13 +264,13 @@ class LlamaConfig:
         f.problems += _rope_problems(self.rope_scaling)
         if sizes and head_dim and self.head_dim is None:
             if self.hidden_size % self.num_heads:
-                f.problems.append(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+                f.problems.append(f"text.hidden_size {self.hidden_size} not divisible by text.num_heads {self.num_heads}")
             else:
                 object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if sizes and head_dim and self.head_dim is not None and self.head_dim % 2:
-            f.problems.append(f"text head_dim {self.head_dim} must be even (rotary embeddings rotate pairs)")
+            f.problems.append(f"text.head_dim {self.head_dim} must be even (rotary embeddings rotate pairs)")
         if sizes and self.num_heads % self.num_kv_heads:
-            f.problems.append(f"num_heads {self.num_heads} not divisible by num_kv_heads {self.num_kv_heads}")
+            f.problems.append(f"text.num_heads {self.num_heads} not divisible by text.num_kv_heads {self.num_kv_heads}")
         f.raise_if_any()
 
     @property
