@@ -83,13 +83,9 @@ class SourceConfig:
 
 def load_json(path: str | os.PathLike) -> dict:
     path = Path(path)
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError:
-        raise ConversionError(f"{path}: config.json not found") from None
-    except OSError as e:
-        raise ConversionError(f"{path}: unreadable: {e}") from e
-    data = strict_json.loads(text, str(path))
+    if not path.exists():
+        raise ConversionError(f"{path}: config.json not found")
+    data = strict_json.load(path)
     if not isinstance(data, dict):
         raise ConversionError(f"{path}: expected a JSON object")
     return data
@@ -128,7 +124,7 @@ def detect_kind(raw: dict) -> str:
 class _Fields:
     """Typed reads from one JSON object of a config file.
 
-    A bad value becomes one problem naming the file and the dotted field (`text_config.num_heads`)
+    A bad value becomes one problem naming the file and the dotted field (`text_config.vocab_size`)
     and the read returns None; the caller carries on, so every problem of the file is reported
     together. Absent and null fields take the given default (diff-serialised 4.x files omit
     defaults). Bools never pass as numbers, floats never as integers.

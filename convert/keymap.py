@@ -521,14 +521,17 @@ def layer_count_problems(config: ModelConfig, canonical_keys: Iterable[str]) -> 
                                        "vision num_hidden_layers")):
         too_many = configured > bound
         bounded = bounded and not too_many
-        if found.get(prefix):
-            if max(found[prefix]) + 1 != configured:
-                problems.append(f"config.json says {field}={configured} but the checkpoint has layers "
-                                f"0..{max(found[prefix])} (the config contradicts the weights)")
-        elif too_many or prefix.startswith("language_model") or has_tower:
-            # (a checkpoint without any tower is reported as such by build_plan)
-            problems.append(f"config.json says {field}={configured} but the checkpoint has no {prefix}.* keys "
-                            "(the config contradicts the weights)")
+        layers = found.get(prefix)
+        if layers and max(layers) + 1 != configured:
+            held = f"has layers 0..{max(layers)}"
+        elif not layers and (too_many or prefix.startswith("language_model") or has_tower):
+            held = f"has no {prefix}.* keys"  # (a checkpoint without any tower: build_plan says so)
+        elif too_many:  # a stray key names the configured last layer
+            held = f"holds only {len(keys)} tensors"
+        else:
+            continue
+        problems.append(f"config.json says {field}={configured} but the checkpoint {held} (the config contradicts "
+                        "the weights)")
     return problems, bounded
 
 

@@ -90,7 +90,11 @@ class TensorEntry:
 # ----------------------------------------------------------------------------------------------
 # safetensors
 
-MAX_HEADER_BYTES = 100 * 2**20  # the safetensors reference reader's limit
+# Parsed metadata takes ~15x its size in memory (a 100 MB header of empty tensors, the reference
+# reader's limit, peaks near 1.7 GB); real headers and pickles are well under 1 MB, so these
+# limits keep a hostile file's metadata to a few hundred MB.
+MAX_HEADER_BYTES = 32 * 2**20
+MAX_PICKLE_BYTES = 32 * 2**20
 MAX_RANK = 8
 MAX_NAME = 1024  # characters of a tensor or shard file name (real ones are < 100)
 
@@ -113,10 +117,13 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict]:
             if len(head) < 8:
                 raise CheckpointReadError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (header_len,) = struct.unpack("<Q", head)
-            if header_len > size - 8 or header_len > MAX_HEADER_BYTES:
+            if header_len > size - 8:
                 raise CheckpointReadError(
                     f"{path}: corrupt or truncated safetensors file (header says {header_len} header bytes, "
                     f"file has {size})")
+            if header_len > MAX_HEADER_BYTES:
+                raise CheckpointReadError(f"{path}: safetensors header of {header_len} bytes exceeds the "
+                                          f"{MAX_HEADER_BYTES} this reader accepts (corrupt or hostile file)")
             raw = f.read(header_len)
     except OSError as e:
         raise CheckpointReadError(f"{path}: cannot read: {e}") from e
@@ -301,6 +308,9 @@ def read_torch_zip_index(path: Path) -> tuple[dict[str, TensorEntry], dict[str, 
         if len(pkl) != 1:
             raise CheckpointReadError(f"{path}: torch zip without a single <root>/data.pkl record")
         root = pkl[0].split("/")[0]
+        if zf.getinfo(pkl[0]).file_size > MAX_PICKLE_BYTES:
+            raise CheckpointReadError(f"{path}: data.pkl of {zf.getinfo(pkl[0]).file_size} bytes exceeds the "
+                                      f"{MAX_PICKLE_BYTES} this reader accepts (corrupt or hostile file)")
         byteorder = f"{root}/byteorder"
         if byteorder in names and zf.read(byteorder).strip() != b"little":
             raise CheckpointReadError(f"{path}: big-endian torch checkpoints are not supported")
@@ -502,11 +512,7 @@ def _from_index(index: Path) -> tuple[list[Path], str, dict, Path]:
     """Shards named by a `*.index.json`. Each weight_map value must be the bare name of an
     existing shard file next to the index: never a path (`../x`, `/etc/x`, `sub/x`), so a
     downloaded index cannot make the converter read files outside the checkpoint directory."""
-    try:
-        text = index.read_bytes()
-    except OSError as e:
-        raise CheckpointReadError(f"{index}: cannot read: {e}") from e
-    data = strict_json.loads(text, str(index), CheckpointReadError, "shard index")
+    data = strict_json.load(index, CheckpointReadError, "shard index")
     if not isinstance(data, dict) or "weight_map" not in data:
         raise CheckpointReadError(f"{index}: unreadable shard index: expected an object with a weight_map")
     weight_map = data["weight_map"]

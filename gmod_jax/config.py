@@ -72,9 +72,13 @@ class _Fields:
         if ok and hi is not None:
             ok = value < hi if hi_open else value <= hi
         if not ok:
-            low = "" if lo is None else f" {'>' if lo_open else '>='} {lo}"
-            high = "" if hi is None else f"{' and' if low else ''} {'<' if hi_open else '<='} {hi}"
-            self.fail(name, f"must be a finite number{low}{high}, got {short(value)}")
+            if lo is not None and hi is not None:
+                expected = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            elif lo is not None:
+                expected = f"a finite number {'>' if lo_open else '>='} {lo:g}"
+            else:
+                expected = "a finite number"
+            self.fail(name, f"must be {expected}, got {short(value)}")
             return False
         self._set(name, float(value))
         return True
@@ -347,7 +351,7 @@ class MoDConfig:
 
     def __post_init__(self):
         f = _Fields(self, "mod")
-        layers = _tuple(self.layers)
+        layers = tuple(self.layers) if isinstance(self.layers, (list, tuple, range)) else self.layers
         if isinstance(layers, tuple) and all(is_int(i) and 0 <= i <= MAX_INT for i in layers):
             object.__setattr__(self, "layers", tuple(int(i) for i in layers))
         else:
@@ -455,7 +459,7 @@ class ModelConfig:
         problems = []
         sub = {"vision": VisionConfig, "projector": ProjectorConfig, "text": LlamaConfig, "mod": MoDConfig}
         for key, klass in sub.items():
-            if key not in d:
+            if key not in d or isinstance(d[key], klass):
                 continue
             if not isinstance(d[key], dict):
                 problems.append(f"{key} must be an object, got {short(d[key])}")

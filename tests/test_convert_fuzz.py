@@ -114,7 +114,8 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> dict[str, Path]:
     """hf: layout D in 2 safetensors shards; bin: layout D in 2 .bin shards; mod: γ-MoD (original
-    keys + shared router), one safetensors file."""
+    keys + shared router), one safetensors file; orig: original LLaVA without its tower, which
+    comes from the CLIP checkpoint in orig/clip (--vision-tower)."""
     import torch  # noqa: F401 - only the fixtures need torch / transformers
 
     from tests import hf_fixtures as fx
@@ -127,7 +128,10 @@ def bases(tmp_path_factory) -> dict[str, Path]:
         fx.write_json(root / name / "config.json", fx.config_v5(spec))
     mod_spec = fx.Spec(name="mod", layers=4)
     fx.write_gamma_mod(fx.state_dict_c(fx.build_model(mod_spec)), mod_spec, root / "mod", [1, 2, 3])
-    return {"hf": root / "hf", "bin": root / "bin", "mod": root / "mod"}
+    fx.write_weights(fx.rename(sd, "E"), root / "orig")
+    fx.write_json(root / "orig" / "config.json", fx.config_original(spec, dtype="float32"))
+    fx.write_clip_dir(sd, spec, root / "orig" / "clip")
+    return {"hf": root / "hf", "bin": root / "bin", "mod": root / "mod", "orig": root / "orig"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,6 +307,12 @@ CASES: list[tuple[str, str, Callable[[Path], None]]] = [
     ("text layers huge", "hf", setting("text_config.num_hidden_layers", HUGE)),
     ("mod flat layers 1e9", "mod", setting("num_hidden_layers", 10**9)),
     ("bin layers 1e9", "bin", setting("text_config.num_hidden_layers", 10**9)),
+    ("weights and config claim 1e9 layers", "hf", lambda src: (
+        setting("text_config.num_hidden_layers", 10**9)(src),
+        config(lambda d: d["weight_map"].update({"language_model.model.layers.999999999.mlp.up_proj.weight": SHARD}),
+               INDEX)(src),
+        header(SHARD, lambda h: _rename_first(h, "language_model.model.layers.999999999.mlp.up_proj.weight"))(src),
+        config(lambda d: d["weight_map"].pop(next(iter(d["weight_map"]))) and None, INDEX)(src))),
     # safetensors headers
     ("entry not object", "hf", header(SHARD, lambda h: h.update({_tensor_names(h)[0]: 5}))),
     ("dtype unknown", "hf", entry(SHARD, 0, "dtype", "F99")),
@@ -391,6 +401,17 @@ CASES: list[tuple[str, str, Callable[[Path], None]]] = [
     ("bin shard truncated", "bin", truncate(BIN_SHARD, 0.7)),
     ("bin foreign global", "bin", _evil_pickle),
     ("bin index not json", "bin", truncate(BIN_INDEX, 0.3)),
+    # the --vision-tower directory
+    ("tower vision_config string", "orig", setting("vision_config", "clip", "clip/config.json")),
+    ("tower layers 1e9", "orig", setting("vision_config.num_hidden_layers", 10**9, "clip/config.json")),
+    ("tower heads string", "orig", setting("vision_config.num_attention_heads", "4", "clip/config.json")),
+    ("tower select layer outside", "orig", setting("mm_vision_select_layer", -5)),
+    ("tower header dtype", "orig", entry("clip/model.safetensors", 0, "dtype", None)),
+    ("tower config truncated", "orig", truncate("clip/config.json", 0.5)),
+    # metadata larger than the readers accept
+    ("header over the size limit", "hf", lambda src: _write_header(
+        src / SHARD, json.dumps(_read_header(src / SHARD)[0]).encode() + b" " * (33 * 2**20),
+        _read_header(src / SHARD)[1])),
 ]
 
 
@@ -443,7 +464,8 @@ def _prepare(tmp: Path, bases: dict[str, Path], cases) -> tuple[list[dict], dict
         shutil.copytree(bases[base], src)
         mutate(src)
         sources[name] = src
-        prepared.append({"name": name, "argv": ["--src", str(src), "--out", str(src.parent / "out")],
+        tower = ["--vision-tower", str(src / "clip")] if base == "orig" else []
+        prepared.append({"name": name, "argv": ["--src", str(src), "--out", str(src.parent / "out"), *tower],
                          "out": str(src.parent / "out")})
     return prepared, sources
 
@@ -490,7 +512,8 @@ def test_unmutated_bases_convert(tmp_path, bases):
     """The control: every base is valid, so each rejection above is the mutation's doing. Run
     without the address-space limit (Orbax's writer threads reserve more than 2 GiB of virtual
     memory) but with the peak RSS measured."""
-    cases = [{"name": name, "argv": ["--src", str(src), "--out", str(tmp_path / name)], "out": str(tmp_path / name)}
+    cases = [{"name": name, "argv": ["--src", str(src), "--out", str(tmp_path / name)]
+              + (["--vision-tower", str(src / "clip")] if name == "orig" else []), "out": str(tmp_path / name)}
              for name, src in bases.items()]
     report = _run_driver(tmp_path, cases, limit_memory=False)
     for result in report["results"]:
@@ -543,6 +566,6 @@ def test_model_config_from_dict_reports_every_problem():
         "vision must be an object, got [1]",
         "text.num_layers must be an integer in [1, 2147483647], got 1000000000.0",
         "text.num_heads must be an integer in [1, 2147483647], got 0",
-        "text.rms_norm_eps must be a finite number > 0.0, got 'small'",
+        "text.rms_norm_eps must be a finite number > 0, got 'small'",
         "mod.layers must be a list of layer indices >= 0, got (-1,)",
     ]
