@@ -64,6 +64,9 @@ def drive(cases_path: str, results_path: str):
                 rc = main(case["argv"])
         except SystemExit as e:
             rc = e.code if isinstance(e.code, int) else 1
+        except MemoryError:  # formatting the traceback could exhaust the limit again
+            rc = 1
+            err.write("Traceback: MemoryError (hit the address-space limit)\n")
         except BaseException:  # noqa: BLE001 - the point is to see anything that escapes
             rc = 1
             err.write(traceback.format_exc())
