@@ -8,7 +8,7 @@ five cases of issue 25); a seeded random sample adds combinations nobody listed.
 
 The cases run through the CLI's `main` in ONE child process (`drive` below), under RLIMIT_AS of
 2 GiB and a per-case alarm: a `python -m convert` per case would cost a JAX import each. The child
-reports its own peak RSS. A few cases also run as real `python -m convert` subprocesses.
+reports its own peak RSS. The five issue-25 cases also run as real `python -m convert` processes.
 """
 
 from __future__ import annotations
@@ -119,9 +119,7 @@ def bases(tmp_path_factory) -> dict[str, Path]:
     """hf: layout D in 2 safetensors shards; bin: layout D in 2 .bin shards; mod: γ-MoD (original
     keys + shared router), one safetensors file; orig: original LLaVA without its tower, which
     comes from the CLIP checkpoint in orig/clip (--vision-tower)."""
-    import torch  # noqa: F401 - only the fixtures need torch / transformers
-
-    from tests import hf_fixtures as fx
+    from tests import hf_fixtures as fx  # torch + transformers: imported here, never in the child
 
     root = tmp_path_factory.mktemp("bases")
     spec = fx.SPECS["base"]
@@ -256,6 +254,15 @@ def _rename_first(h, new_name):
     h[new_name] = h.pop(key)
 
 
+def _stray_last_layer(src: Path):
+    """Config: 1e9 layers; weights: a (renamed) tensor of layer 999999999, consistently indexed."""
+    stray = "language_model.model.layers.999999999.mlp.up_proj.weight"
+    setting("text_config.num_hidden_layers", 10**9)(src)
+    first = _tensor_names(_read_header(src / SHARD)[0])[0]
+    header(SHARD, lambda h: _rename_first(h, stray))(src)
+    config(lambda d: d["weight_map"].update({stray: d["weight_map"].pop(first)}), INDEX)(src)
+
+
 def _evil_pickle(src: Path):
     import os
 
@@ -310,12 +317,7 @@ CASES: list[tuple[str, str, Callable[[Path], None]]] = [
     ("text layers huge", "hf", setting("text_config.num_hidden_layers", HUGE)),
     ("mod flat layers 1e9", "mod", setting("num_hidden_layers", 10**9)),
     ("bin layers 1e9", "bin", setting("text_config.num_hidden_layers", 10**9)),
-    ("weights and config claim 1e9 layers", "hf", lambda src: (
-        setting("text_config.num_hidden_layers", 10**9)(src),
-        config(lambda d: d["weight_map"].update({"language_model.model.layers.999999999.mlp.up_proj.weight": SHARD}),
-               INDEX)(src),
-        header(SHARD, lambda h: _rename_first(h, "language_model.model.layers.999999999.mlp.up_proj.weight"))(src),
-        config(lambda d: d["weight_map"].pop(next(iter(d["weight_map"]))) and None, INDEX)(src))),
+    ("weights and config claim 1e9 layers", "hf", _stray_last_layer),
     # safetensors headers
     ("entry not object", "hf", header(SHARD, lambda h: h.update({_tensor_names(h)[0]: 5}))),
     ("dtype unknown", "hf", entry(SHARD, 0, "dtype", "F99")),
@@ -473,6 +475,9 @@ EXPECTED_WORDS = {
     "heads do not divide width": ["text_config.num_attention_heads 5 not divisible by "
                                   "text_config.num_key_value_heads 2"],
     "shape contradicts config": ["shape mismatches (1)", "config expects"],
+    "weights and config claim 1e9 layers": ["num_hidden_layers=1000000000 but the checkpoint holds only"],
+    "header over the size limit": ["exceeds the 33554432 this reader accepts"],
+    "tower vision_config string": ["clip/config.json: vision_config must be an object"],
 }
 ISSUE_CASES = ["metadata list", "weight_map traversal", "text_config string", "feature layer -10",
                "text layers 1e9 int"]
