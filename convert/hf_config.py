@@ -10,13 +10,16 @@ come from the class defaults and not from a preset.
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-from convert.errors import ConversionError, UnsupportedFormatError
-from gmod_jax.config import LlamaConfig, ModelConfig, MoDConfig, ProjectorConfig, VisionConfig
+from convert import strict_json
+from convert.errors import ConversionError, UnsupportedFormatError, raise_if_any
+from gmod_jax.config import (MAX_INT, PROJECTOR_TYPE, ConfigError, LlamaConfig, ModelConfig, MoDConfig,
+                             ProjectorConfig, VisionConfig, feature_layer_problem, is_int, is_real, short)
 
 # transformers `LlamaConfig()` defaults (identical in 4.3x and 5.24).
 LLAMA_DEFAULTS: dict[str, Any] = {
@@ -80,12 +83,9 @@ class SourceConfig:
 
 def load_json(path: str | os.PathLike) -> dict:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConversionError(f"{path}: config.json not found") from None
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"{path}: unreadable JSON: {e}") from e
+    if not path.exists():
+        raise ConversionError(f"{path}: config.json not found")
+    data = strict_json.load(path)
     if not isinstance(data, dict):
         raise ConversionError(f"{path}: expected a JSON object")
     return data
@@ -119,87 +119,212 @@ def detect_kind(raw: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# typed field reads
+
+class _Fields:
+    """Typed reads from one JSON object of a config file.
+
+    A bad value becomes one problem naming the file and the dotted field (`text_config.vocab_size`)
+    and the read returns None; the caller carries on, so every problem of the file is reported
+    together. Absent and null fields take the given default (diff-serialised 4.x files omit
+    defaults). Bools never pass as numbers, floats never as integers.
+    """
+
+    def __init__(self, data: dict, where: str, prefix: str = "", problems: list[str] | None = None):
+        self.data, self.where, self.prefix = data, where, prefix
+        self.problems: list[str] = [] if problems is None else problems
+
+    def fail(self, name: str, message: str):
+        self.problems.append(f"{self.where}: {self.prefix}{name} {message}")
+
+    def raw(self, name: str, default=None):
+        value = self.data.get(name)
+        return default if value is None else value
+
+    def section(self, name: str) -> "_Fields | None":
+        """A nested object (None when absent or null; a problem when it is not an object)."""
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            self.fail(name, f"must be an object, got {short(value)}")
+            return None
+        return _Fields(value, self.where, f"{self.prefix}{name}.", self.problems)
+
+    def int(self, name: str, default=None, lo: int = 1, hi: int = MAX_INT):
+        value = self.raw(name, default)
+        if value is None:
+            return None
+        if not is_int(value) or not lo <= value <= hi:
+            self.fail(name, f"must be an integer in [{lo}, {hi}], got {short(value)}")
+            return None
+        return int(value)
+
+    def float(self, name: str, default=None, positive: bool = True):
+        value = self.raw(name, default)
+        if not is_real(value) or not math.isfinite(value) or (value <= 0 if positive else value < 0):
+            self.fail(name, f"must be a finite number {'>' if positive else '>='} 0, got {short(value)}")
+            return None
+        return float(value)
+
+    def bool(self, name: str, default: bool):
+        value = self.raw(name, default)
+        if not isinstance(value, bool):
+            self.fail(name, f"must be true or false, got {short(value)}")
+            return None
+        return value
+
+    def str(self, name: str, default: str | None = None, choices: tuple[str, ...] | None = None):
+        value = self.raw(name, default)
+        if not isinstance(value, str) or (choices is not None and value not in choices):
+            expected = f"one of {', '.join(choices)}" if choices else "a string"
+            self.fail(name, f"must be {expected}, got {short(value)}")
+            return None
+        return value
+
+    def token_ids(self, name: str, default=None):
+        """bos / eos ids: an id, a list of ids (5.x generation configs), or null."""
+        value = self.raw(name, default)
+        ids = value if isinstance(value, list) else [value]
+        if value is not None and not all(is_int(i) and 0 <= i <= MAX_INT for i in ids):
+            self.fail(name, f"must be a token id or a list of them, got {short(value)}")
+            return None
+        return value
+
+    def feature_layer(self, name: str, default, num_layers: int | None):
+        value = self.raw(name, default)
+        problem = feature_layer_problem(value, num_layers if num_layers is not None else MAX_INT,
+                                        f"{self.where}: {self.prefix}{name}")
+        if problem:
+            self.problems.append(problem)
+            return None
+        return tuple(value) if isinstance(value, list) else value
+
+    def build(self, klass, names: dict[str, str] | None = None, **kwargs):
+        """klass(**kwargs) with its validation problems (gmod_jax.config.ConfigError) collected,
+        the project's field names (`text.num_heads`) spelled as this file's (`names`); None if a
+        field read already failed (that problem is reported instead)."""
+        if any(v is None for k, v in kwargs.items() if k not in _OPTIONAL_FIELDS):
+            return None
+        try:
+            return klass(**kwargs)
+        except ConfigError as e:
+            names = names or {}
+            self.problems.extend(f"{self.where}: " + _PROJECT_FIELD.sub(lambda m: names.get(m.group(0), m.group(0)), p)
+                                 for p in e.problems)
+            return None
+
+    def names(self, section: str, klass, renames: dict[str, str]) -> dict[str, str]:
+        """`section.field` of the project's config -> this file's dotted name of that field."""
+        return {f"{section}.{f.name}": self.prefix + renames.get(f.name, f.name) for f in dataclasses.fields(klass)}
+
+
+_OPTIONAL_FIELDS = ("head_dim", "rope_scaling", "pad_token_id")
+_PROJECT_FIELD = re.compile(r"\b(?:text|vision|mod|projector|config)\.[a-z_]+")
+_LAYER_FIELDS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                 "num_kv_heads": "num_key_value_heads"}
+
+
+def _raise_problems(problems: list[str], where: str):
+    raise_if_any(problems, title=f"{where}: invalid config" if len(problems) > 1 else "")
+
+
+# ----------------------------------------------------------------------------------------------
 # pieces
 
-def _rope(text: dict) -> tuple[float, dict | None]:
+def _rope(text: _Fields) -> tuple[float | None, dict | None]:
     """(rope_theta, rope scaling dict incl. rope_type or None) from 4.x or 5.x Llama fields."""
-    params = text.get("rope_parameters")
-    if isinstance(params, dict):
-        params = dict(params)
-        theta = params.pop("rope_theta", text.get("rope_theta", LLAMA_DEFAULTS["rope_theta"]))
+    params = text.section("rope_parameters")
+    if params is not None:
+        scaling = {k: v for k, v in params.data.items() if k != "rope_theta"}
+        theta = params.float("rope_theta", text.raw("rope_theta", LLAMA_DEFAULTS["rope_theta"]))
     else:
-        theta = text.get("rope_theta", LLAMA_DEFAULTS["rope_theta"])
-        params = dict(text.get("rope_scaling") or {})
-    if "type" in params:  # 4.x spelling
-        params.setdefault("rope_type", params.pop("type"))
-    if not params or params.get("rope_type", "default") == "default":
-        return float(theta), None
-    if "rope_type" not in params:
-        raise ConversionError(f"rope scaling without rope_type: {params}")
-    return float(theta), params
+        theta = text.float("rope_theta", LLAMA_DEFAULTS["rope_theta"])
+        section = text.section("rope_scaling")
+        scaling = dict(section.data) if section is not None else {}
+    if "type" in scaling:  # 4.x spelling
+        scaling.setdefault("rope_type", scaling.pop("type"))
+    if not scaling or scaling.get("rope_type", "default") == "default":
+        return theta, None
+    if "rope_type" not in scaling:
+        text.fail("rope_scaling", f"has no rope_type: {short(scaling)}")
+    return theta, scaling
 
 
-def llama_config(text: dict, where: str, nested: bool = True) -> LlamaConfig:
+def _llama(text: _Fields, nested: bool = True) -> LlamaConfig | None:
     """`nested`: an HF text_config (whose model_type names the LLM); flat original-LLaVA configs
     carry the multimodal model_type instead and are always Llama."""
-    t = {**LLAMA_DEFAULTS, **{k: v for k, v in text.items() if v is not None}}
-    model_type = text.get("model_type", "llama") if nested else "llama"
+    model_type = text.raw("model_type", "llama") if nested else "llama"
     if model_type != "llama":
-        raise UnsupportedFormatError(f"{where}: text model_type {model_type!r} is not supported (only llama)")
-    if t["hidden_act"] != "silu":
-        raise UnsupportedFormatError(f"{where}: hidden_act {t['hidden_act']!r} is not supported (only silu)")
+        raise UnsupportedFormatError(f"{text.where}: text model_type {short(model_type)} is not supported (only llama)")
+    act = text.str("hidden_act", LLAMA_DEFAULTS["hidden_act"])
+    if act is not None and act != "silu":
+        raise UnsupportedFormatError(f"{text.where}: hidden_act {short(act)} is not supported (only silu)")
     theta, scaling = _rope(text)
-    heads = int(t["num_attention_heads"])
-    try:
-        return LlamaConfig(
-            vocab_size=int(t["vocab_size"]),
-            hidden_size=int(t["hidden_size"]),
-            intermediate_size=int(t["intermediate_size"]),
-            num_layers=int(t["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(t["num_key_value_heads"] if t["num_key_value_heads"] is not None else heads),
-            head_dim=None if t["head_dim"] is None else int(t["head_dim"]),
-            rms_norm_eps=float(t["rms_norm_eps"]),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=int(t["max_position_embeddings"]),
-            attention_bias=bool(t["attention_bias"]),
-            mlp_bias=bool(t["mlp_bias"]),
-            tie_word_embeddings=bool(t["tie_word_embeddings"]),
-            hidden_act=t["hidden_act"],
-            initializer_range=float(t["initializer_range"]),
-        )
-    except (ValueError, TypeError) as e:
-        raise ConversionError(f"{where}: invalid text config: {e}") from e
+    heads = text.int("num_attention_heads", LLAMA_DEFAULTS["num_attention_heads"])
+    rope_field = "rope_parameters" if text.data.get("rope_parameters") is not None else "rope_scaling"
+    return text.build(
+        LlamaConfig, text.names("text", LlamaConfig, {**_LAYER_FIELDS, "rope_scaling": rope_field}),
+        vocab_size=text.int("vocab_size", LLAMA_DEFAULTS["vocab_size"]),
+        hidden_size=text.int("hidden_size", LLAMA_DEFAULTS["hidden_size"]),
+        intermediate_size=text.int("intermediate_size", LLAMA_DEFAULTS["intermediate_size"]),
+        num_layers=text.int("num_hidden_layers", LLAMA_DEFAULTS["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=text.int("num_key_value_heads", heads),
+        head_dim=text.int("head_dim"),
+        rms_norm_eps=text.float("rms_norm_eps", LLAMA_DEFAULTS["rms_norm_eps"]),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=text.int("max_position_embeddings", LLAMA_DEFAULTS["max_position_embeddings"]),
+        attention_bias=text.bool("attention_bias", LLAMA_DEFAULTS["attention_bias"]),
+        mlp_bias=text.bool("mlp_bias", LLAMA_DEFAULTS["mlp_bias"]),
+        tie_word_embeddings=text.bool("tie_word_embeddings", LLAMA_DEFAULTS["tie_word_embeddings"]),
+        hidden_act=act,
+        initializer_range=text.float("initializer_range", LLAMA_DEFAULTS["initializer_range"]),
+    )
 
 
-def vision_fields(vision: dict | None, defaults: dict) -> dict:
-    v = {**defaults, **{k: val for k, val in (vision or {}).items() if val is not None}}
-    model_type = v.get("model_type", "clip_vision_model")
+def _vision_tower(v: _Fields | None, defaults: dict, fallback: _Fields, invalid: bool = False):
+    """(fields, num_layers) of a CLIP vision config, all defaults when `v` is None; (None, None)
+    when `invalid` (the section exists but is not an object, which `section` reported)."""
+    if v is None and invalid:
+        return None, None
+    fields = v if v is not None else _Fields({}, fallback.where, "vision_config.", fallback.problems)
+    model_type = fields.raw("model_type", "clip_vision_model")
     if model_type not in ("clip_vision_model", "clip"):
-        raise UnsupportedFormatError(f"vision tower model_type {model_type!r} is not supported (only CLIP ViT)")
-    if v["hidden_act"] not in ("quick_gelu", "gelu"):
-        raise UnsupportedFormatError(f"vision hidden_act {v['hidden_act']!r} is not supported")
-    return v
+        raise UnsupportedFormatError(f"{fields.where}: vision tower model_type {short(model_type)} is not supported "
+                                     "(only CLIP ViT)")
+    act = fields.raw("hidden_act", defaults["hidden_act"])  # a non-string is reported by `_vision`
+    if isinstance(act, str) and act not in ("quick_gelu", "gelu"):
+        raise UnsupportedFormatError(f"{fields.where}: vision hidden_act {short(act)} is not supported")
+    return fields, fields.int("num_hidden_layers", defaults["num_hidden_layers"])
 
 
-def vision_config(v: dict, feature_layer, strategy: str, where: str) -> VisionConfig:
-    try:
-        return VisionConfig(
-            hidden_size=int(v["hidden_size"]),
-            intermediate_size=int(v["intermediate_size"]),
-            num_layers=int(v["num_hidden_layers"]),
-            num_heads=int(v["num_attention_heads"]),
-            image_size=int(v["image_size"]),
-            patch_size=int(v["patch_size"]),
-            num_channels=int(v["num_channels"]),
-            layer_norm_eps=float(v["layer_norm_eps"]),
-            hidden_act=v["hidden_act"],
-            feature_layer=tuple(feature_layer) if isinstance(feature_layer, list) else int(feature_layer),
-            feature_strategy=strategy,
-        )
-    except (ValueError, TypeError) as e:
-        raise ConversionError(f"{where}: invalid vision config: {e}") from e
+def _vision(fields: _Fields | None, defaults: dict, num_layers, feature_layer, strategy) -> VisionConfig | None:
+    if fields is None:  # the vision section is not an object (reported)
+        return None
+    return fields.build(
+        VisionConfig, fields.names("vision", VisionConfig, _LAYER_FIELDS),
+        hidden_size=fields.int("hidden_size", defaults["hidden_size"]),
+        intermediate_size=fields.int("intermediate_size", defaults["intermediate_size"]),
+        num_layers=num_layers,
+        num_heads=fields.int("num_attention_heads", defaults["num_attention_heads"]),
+        image_size=fields.int("image_size", defaults["image_size"]),
+        patch_size=fields.int("patch_size", defaults["patch_size"]),
+        num_channels=fields.int("num_channels", defaults["num_channels"]),
+        layer_norm_eps=fields.float("layer_norm_eps", defaults["layer_norm_eps"]),
+        hidden_act=fields.str("hidden_act", defaults["hidden_act"]),
+        feature_layer=feature_layer,
+        feature_strategy=strategy,
+    )
+
+
+def _pad_token_id(f: _Fields, name: str, default, vocab_size: int | None):
+    """null, or an id inside the vocabulary; -1 is the old Llama "no pad token" marker."""
+    value = f.raw(name, default)
+    if value == -1 and is_int(value):
+        return None
+    return f.int(name, default, lo=0, hi=(vocab_size or MAX_INT + 1) - 1)
 
 
 def _source_dtype(*dicts: dict) -> str | None:
@@ -214,30 +339,37 @@ def _source_dtype(*dicts: dict) -> str | None:
 # readers per kind
 
 def hf_llava_config(raw: dict, where: str = "config.json") -> SourceConfig:
-    text = raw.get("text_config") or {}
-    if "vocab_size" not in text and "vocab_size" in raw:  # some 4.x files kept vocab_size at the top
-        text = {**text, "vocab_size": raw["vocab_size"]}
-    llama = llama_config(text, where)
-    vision_raw = raw.get("vision_config")
-    v = vision_fields(vision_raw, CLIP_VISION_DEFAULTS if vision_raw is not None else CLIP_L_336)
-    strategy = raw.get("vision_feature_select_strategy", "default")
-    if strategy not in ("default", "full"):
-        raise ConversionError(f"{where}: vision_feature_select_strategy {strategy!r} (expected default or full)")
-    vision = vision_config(v, raw.get("vision_feature_layer", -2), strategy, where)
-    act = raw.get("projector_hidden_act", "gelu")
-    if act != "gelu":
-        raise UnsupportedFormatError(f"{where}: projector_hidden_act {act!r} is not supported (only gelu)")
-    projector = ProjectorConfig(type="mlp2x_gelu", bias=bool(raw.get("multimodal_projector_bias", True)),
-                                hidden_act=act)
-    image_token = raw.get("image_token_index", raw.get("image_token_id", 32000))
-    pad = raw.get("pad_token_id", text.get("pad_token_id"))
-    model = _model_config(vision, projector, llama, MoDConfig(), image_token, pad, where)
+    root = _Fields(raw, where)
+    text = root.section("text_config") or _Fields({}, where, "text_config.", root.problems)
+    if "vocab_size" not in text.data and "vocab_size" in raw:  # some 4.x files kept vocab_size at the top
+        text = _Fields({**text.data, "vocab_size": raw["vocab_size"]}, where, "text_config.", root.problems)
+    llama = _llama(text)
+    vision_section = root.section("vision_config")
+    defaults = CLIP_VISION_DEFAULTS if raw.get("vision_config") is not None else CLIP_L_336
+    v, depth = _vision_tower(vision_section, defaults, root, invalid=raw.get("vision_config") is not None)
+    strategy = root.str("vision_feature_select_strategy", "default", ("default", "full"))
+    feature_layer = root.feature_layer("vision_feature_layer", -2, depth)
+    vision = _vision(v, defaults, depth, feature_layer, strategy)
+    act = root.str("projector_hidden_act", "gelu")
+    if act is not None and act != "gelu":
+        raise UnsupportedFormatError(f"{where}: projector_hidden_act {short(act)} is not supported (only gelu)")
+    projector = root.build(ProjectorConfig, type="mlp2x_gelu", bias=root.bool("multimodal_projector_bias", True),
+                           hidden_act=act)
+    token_field = "image_token_index" if raw.get("image_token_index") is not None else "image_token_id"
+    image_token = root.int(token_field, 32000, lo=-MAX_INT)
+    vocab = llama.vocab_size if llama else None
+    if "pad_token_id" in raw:
+        pad = _pad_token_id(root, "pad_token_id", None, vocab)
+    else:
+        pad = _pad_token_id(text, "pad_token_id", None, vocab)
     extras = {
-        "bos_token_id": text.get("bos_token_id", LLAMA_DEFAULTS["bos_token_id"]),
-        "eos_token_id": text.get("eos_token_id", LLAMA_DEFAULTS["eos_token_id"]),
-        "source_dtype": _source_dtype(raw, text),
-        "image_seq_length": raw.get("image_seq_length"),
+        "bos_token_id": text.token_ids("bos_token_id", LLAMA_DEFAULTS["bos_token_id"]),
+        "eos_token_id": text.token_ids("eos_token_id", LLAMA_DEFAULTS["eos_token_id"]),
+        "source_dtype": _source_dtype(raw, text.data),
+        "image_seq_length": root.int("image_seq_length"),
     }
+    _raise_problems(root.problems, where)
+    model = _model_config(root, vision, projector, llama, MoDConfig(), image_token, pad)
     return SourceConfig(KIND_HF, model, raw, extras)
 
 
@@ -245,72 +377,88 @@ def original_llava_config(raw: dict, vision_tower_dir: str | os.PathLike | None 
                           where: str = "config.json") -> SourceConfig:
     """Flat LlamaConfig + `mm_*` fields (liuhaotian LLaVA, and γ-MoD's mod_llava_llama)."""
     kind = detect_kind(raw)
-    llama = llama_config(raw, where, nested=False)
+    root = _Fields(raw, where)
+    llama = _llama(root, nested=False)
     tower_name = raw.get("mm_vision_tower") or raw.get("vision_tower")
+    if tower_name is not None and not isinstance(tower_name, str):
+        root.fail("mm_vision_tower", f"must be a string, got {short(tower_name)}")
+        tower_name = None
+    defaults = CLIP_VISION_DEFAULTS
     if vision_tower_dir is not None:
-        tower_cfg = load_json(Path(vision_tower_dir) / "config.json")
+        tower_path = Path(vision_tower_dir) / "config.json"
+        tower_cfg = _Fields(load_json(tower_path), str(tower_path), "", root.problems)
         # A full CLIPModel config nests the tower; a CLIPVisionModel config is the tower itself.
-        nested = tower_cfg.get("model_type") == "clip" or "vision_config" in tower_cfg
-        v = vision_fields(tower_cfg.get("vision_config") if nested else tower_cfg, CLIP_VISION_DEFAULTS)
-    elif isinstance(raw.get("mm_vision_config"), dict):  # written by convert.to_hf --format gamma_mod
-        v = vision_fields(raw["mm_vision_config"], CLIP_VISION_DEFAULTS)
-    elif tower_name is None or str(tower_name).rstrip("/").endswith("clip-vit-large-patch14-336"):
-        v = dict(CLIP_L_336)
+        nested = tower_cfg.raw("model_type") == "clip" or "vision_config" in tower_cfg.data
+        section = tower_cfg.section("vision_config") if nested else tower_cfg
+        v, depth = _vision_tower(section, defaults, tower_cfg, invalid=tower_cfg.raw("vision_config") is not None)
+    elif raw.get("mm_vision_config") is not None:  # written by convert.to_hf --format gamma_mod
+        v, depth = _vision_tower(root.section("mm_vision_config"), defaults, root, invalid=True)
+    elif tower_name is None or tower_name.rstrip("/").endswith("clip-vit-large-patch14-336"):
+        defaults = CLIP_L_336
+        v, depth = _Fields({}, where, "mm_vision_config.", root.problems), CLIP_L_336["num_hidden_layers"]
     else:
         raise ConversionError(
-            f"{where}: vision tower {tower_name!r} is not CLIP-L/336; pass --vision-tower DIR (a CLIP checkpoint "
+            f"{where}: vision tower {short(tower_name)} is not CLIP-L/336; pass --vision-tower DIR (a CLIP checkpoint "
             "directory with its config.json) so its shape is known")
-    select = raw.get("mm_vision_select_feature", "patch")
     strategies = {"patch": "default", "cls_patch": "full"}
-    if select not in strategies:
-        raise ConversionError(f"{where}: mm_vision_select_feature {select!r} (expected patch or cls_patch)")
-    vision = vision_config(v, raw.get("mm_vision_select_layer", -1), strategies[select], where)
-    projector = ProjectorConfig(type=raw.get("mm_projector_type", "linear"), bias=True, hidden_act="gelu")
-    try:
-        projector.depth
-    except ValueError as e:
-        raise UnsupportedFormatError(f"{where}: {e}") from e
-    mm_hidden = raw.get("mm_hidden_size")
-    if mm_hidden is not None and int(mm_hidden) != vision.hidden_size * len(vision.feature_layers):
-        raise ConversionError(
-            f"{where}: mm_hidden_size {mm_hidden} contradicts the vision tower's hidden size {vision.hidden_size}")
+    select = root.str("mm_vision_select_feature", "patch", tuple(strategies))
+    feature_layer = root.feature_layer("mm_vision_select_layer", -1, depth)
+    vision = _vision(v, defaults, depth, feature_layer, strategies.get(select))
+    projector_type = root.str("mm_projector_type", "linear")
+    if projector_type not in (None, "linear") and not PROJECTOR_TYPE.match(projector_type):
+        raise UnsupportedFormatError(f"{where}: unknown projector type {short(projector_type)} (expected 'linear' "
+                                     "or 'mlpNx_gelu')")
+    projector = root.build(ProjectorConfig, {"projector.type": "mm_projector_type"}, type=projector_type, bias=True,
+                           hidden_act="gelu")
+    mm_hidden = root.int("mm_hidden_size")
+    if mm_hidden is not None and vision is not None and mm_hidden != vision.hidden_size * len(vision.feature_layers):
+        root.fail("mm_hidden_size", f"{mm_hidden} contradicts the vision tower's hidden size {vision.hidden_size}")
     mod = MoDConfig()
     extras: dict[str, Any] = {
         "vision_tower_name": tower_name,
-        "bos_token_id": raw.get("bos_token_id", LLAMA_DEFAULTS["bos_token_id"]),
-        "eos_token_id": raw.get("eos_token_id", LLAMA_DEFAULTS["eos_token_id"]),
+        "bos_token_id": root.token_ids("bos_token_id", LLAMA_DEFAULTS["bos_token_id"]),
+        "eos_token_id": root.token_ids("eos_token_id", LLAMA_DEFAULTS["eos_token_id"]),
         "source_dtype": _source_dtype(raw),
     }
-    if kind == KIND_GAMMA_MOD:
-        mod, mod_extras = mod_config(raw.get("mod") or {}, llama.num_layers, where)
+    mod_section = root.section("mod")
+    if kind == KIND_GAMMA_MOD and llama is not None and (mod_section is not None or raw.get("mod") is None):
+        mod, mod_extras = _mod(mod_section or _Fields({}, where, "mod.", root.problems), llama.num_layers)
         extras.update(mod_extras)
-    model = _model_config(vision, projector, llama, mod, ORIGINAL_IMAGE_TOKEN_INDEX, raw.get("pad_token_id"), where)
+    pad = _pad_token_id(root, "pad_token_id", None, llama.vocab_size if llama else None)
+    _raise_problems(root.problems, where)
+    model = _model_config(root, vision, projector, llama, mod, ORIGINAL_IMAGE_TOKEN_INDEX, pad)
     return SourceConfig(kind, model, raw, extras)
 
 
-def mod_config(mod: dict, num_layers: int, where: str) -> tuple[MoDConfig, dict]:
+def _mod(mod: _Fields, num_layers: int) -> tuple[MoDConfig, dict]:
     """γ-MoD's `mod` dict. `capacity_factor` is recorded but not applied: the official code ignores
     it (its routing ratio is a hard-coded 0.5, which is MoDConfig's default)."""
-    extras = {"capacity_factor": mod.get("capacity_factor"), "mod_mode": mod.get("mod_mode")}
-    if not mod.get("mod_enable", True):
+    capacity = mod.raw("capacity_factor")
+    if capacity is not None:
+        capacity = mod.float("capacity_factor")
+    extras = {"capacity_factor": capacity, "mod_mode": mod.str("mod_mode") if mod.raw("mod_mode") else None}
+    if not mod.bool("mod_enable", True):
         return MoDConfig(), extras
-    layers = mod.get("mod_layers_idx")
-    if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
-        raise ConversionError(f"{where}: mod.mod_layers_idx must be the resolved list of MoD layer indices, "
-                              f"got {layers!r}")
+    layers = mod.raw("mod_layers_idx")
+    if not isinstance(layers, list) or not layers or not all(is_int(i) for i in layers):
+        mod.fail("mod_layers_idx", f"must be the resolved list of MoD layer indices, got {short(layers)}")
+        return MoDConfig(), extras
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
-        raise ConversionError(f"{where}: mod.mod_layers_idx {bad} outside 0..{num_layers - 1}")
-    coef = mod.get("router_aux_loss_coef", 0.01)
-    return MoDConfig(enabled=True, layers=tuple(sorted(set(layers))), router_aux_loss_coef=float(coef)), extras
+        mod.fail("mod_layers_idx", f"{short(bad)} outside 0..{num_layers - 1}")
+        return MoDConfig(), extras
+    coef = mod.float("router_aux_loss_coef", 0.01, positive=False)
+    config = mod.build(MoDConfig, {**mod.names("mod", MoDConfig, {}), "mod.layers": "mod.mod_layers_idx"}, enabled=True,
+                       layers=tuple(sorted(set(layers))), router_aux_loss_coef=coef)
+    return config or MoDConfig(), extras
 
 
-def _model_config(vision, projector, llama, mod, image_token, pad, where) -> ModelConfig:
-    try:
-        return ModelConfig(vision=vision, projector=projector, text=llama, mod=mod,
-                           image_token_index=int(image_token), pad_token_id=None if pad is None else int(pad))
-    except (ValueError, TypeError) as e:
-        raise ConversionError(f"{where}: {e}") from e
+def _model_config(root: _Fields, vision, projector, llama, mod, image_token, pad) -> ModelConfig:
+    names = {**root.names("config", ModelConfig, {}), "mod.layers": "mod.mod_layers_idx"}
+    model = root.build(ModelConfig, names, vision=vision, projector=projector, text=llama, mod=mod,
+                       image_token_index=image_token, pad_token_id=pad)
+    _raise_problems(root.problems, root.where)
+    return model
 
 
 def read_source_config(src_dir: str | os.PathLike, vision_tower_dir: str | os.PathLike | None = None) -> SourceConfig:

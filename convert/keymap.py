@@ -27,7 +27,7 @@ from typing import Callable, Iterable
 import ml_dtypes
 import numpy as np
 
-from convert.errors import ConversionError, UnsupportedFormatError
+from convert.errors import ConversionError, UnsupportedFormatError, raise_if_any
 from convert.readers import CheckpointReader, TensorEntry
 from gmod_jax import param_layout
 from gmod_jax.config import ModelConfig
@@ -43,6 +43,7 @@ LAYOUTS = {
 HF_LAYOUTS = ("A", "B", "C", "D")
 
 ROUTER_RE = re.compile(r"^language_model\.layers\.(\d+)\.router\.weight$")
+MIN_LAYER_BOUND = 1024  # layer counts up to this always get the full missing-key report
 _LAYER_RE = re.compile(r"^(language_model\.layers|vision_tower\.encoder\.layers)\.(\d+)\.")
 _CLIP_SKIP = ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
 _CLIP_BARE = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
@@ -348,6 +349,10 @@ def build_plan(config: ModelConfig, main: CheckpointReader, layout: str, tower: 
     if duplicates:
         problems.append(f"duplicate tensors: {_names(duplicates)}")
 
+    count_problems, bounded = layer_count_problems(config, sources)
+    problems += count_problems
+    if not bounded:  # the expected-key table would grow with the config, not the checkpoint: stop here
+        raise ConversionError(*problems, title="checkpoint does not match its config")
     expected = expected_keys(config)
     routers = {c: s for c, s in sources.items() if ROUTER_RE.match(c)}
     present = {c: s for c, s in sources.items() if c not in routers}
@@ -367,7 +372,6 @@ def build_plan(config: ModelConfig, main: CheckpointReader, layout: str, tower: 
             problems.append(f"missing keys ({len(missing)}): {_names(names)}")
     if unexpected:
         problems.append(f"unexpected keys ({len(unexpected)}): {_names([present[c][1].key for c in unexpected])}")
-    problems += _layer_count_hints(config, present)
 
     router_pieces: list[tuple[int, CheckpointReader, TensorEntry]] = []
     if routers and not config.mod.enabled:
@@ -395,8 +399,7 @@ def build_plan(config: ModelConfig, main: CheckpointReader, layout: str, tower: 
         mismatched.append(f"{tied_head[1].key}: shape {list(tied_head[1].shape)} differs from the tied embedding")
     if mismatched:
         problems.append(f"shape mismatches ({len(mismatched)}): {_names(mismatched)}")
-    if problems:
-        raise ConversionError("checkpoint does not match its config:\n  - " + "\n  - ".join(problems))
+    raise_if_any(problems, title="checkpoint does not match its config")
 
     # Group pieces into Flax leaves.
     grouped: dict[tuple[str, ...], list[Piece]] = collections.defaultdict(list)
@@ -459,20 +462,41 @@ def _is_float(dt: np.dtype) -> bool:
     return dt.kind == "f" or dt.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
 
 
-def _layer_count_hints(config: ModelConfig, present: dict) -> list[str]:
-    hints = []
+def layer_count_problems(config: ModelConfig, canonical_keys: Iterable[str]) -> tuple[list[str], bool]:
+    """Layer counts of the config against the layer indices in the weights' key names.
+
+    Runs before `expected_keys`, whose table grows with the configured layer counts: returns
+    (one problem per contradicted count, whether building that table is safe). It is safe when
+    no count exceeds max(number of tensors in the checkpoint, MIN_LAYER_BOUND), since every layer
+    holds at least one tensor; past that the config cannot describe these weights and the table
+    would grow with the config (e.g. num_hidden_layers 1e9) instead of the checkpoint.
+    """
+    keys = list(canonical_keys)
     found: dict[str, set[int]] = collections.defaultdict(set)
-    for c in present:
+    for c in keys:
         m = _LAYER_RE.match(c)
         if m:
             found[m.group(1)].add(int(m.group(2)))
+    has_tower = any(c.startswith("vision_tower.") for c in keys)
+    bound = max(len(keys), MIN_LAYER_BOUND)
+    problems, bounded = [], True
     for prefix, configured, field in (("language_model.layers", config.text.num_layers, "text num_hidden_layers"),
                                       ("vision_tower.encoder.layers", config.vision.num_layers,
                                        "vision num_hidden_layers")):
-        if found.get(prefix) and max(found[prefix]) + 1 != configured:
-            hints.append(f"config.json says {field}={configured} but the checkpoint has layers "
-                         f"0..{max(found[prefix])}")
-    return hints
+        too_many = configured > bound
+        bounded = bounded and not too_many
+        layers = found.get(prefix)
+        if layers and max(layers) + 1 != configured:
+            held = f"has layers 0..{max(layers)}"
+        elif not layers and (too_many or prefix.startswith("language_model") or has_tower):
+            held = f"has no {prefix}.* keys"  # (a checkpoint without any tower: build_plan says so)
+        elif too_many:  # a stray key names the configured last layer
+            held = f"holds only {len(keys)} tensors"
+        else:
+            continue
+        problems.append(f"config.json says {field}={configured} but the checkpoint {held} (the config contradicts "
+                        "the weights)")
+    return problems, bounded
 
 
 def _source_name(config: ModelConfig, canonical: str, layout: str) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import os
 import pickle
 import struct
@@ -26,7 +27,9 @@ from typing import Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
-from convert.errors import ConversionError
+from convert import strict_json
+from convert.errors import ConversionError, raise_if_any
+from gmod_jax.config import is_int, short
 
 
 class CheckpointReadError(ConversionError):
@@ -81,14 +84,31 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 # ----------------------------------------------------------------------------------------------
 # safetensors
 
+# Parsed metadata takes ~15x its size in memory (a 100 MB header of empty tensors, the reference
+# reader's limit, peaks near 1.7 GB); real headers and pickles are well under 1 MB, so these
+# limits keep a hostile file's metadata to a few hundred MB.
+MAX_HEADER_BYTES = 32 * 2**20
+MAX_PICKLE_BYTES = 32 * 2**20
+MAX_RANK = 8
+MAX_NAME = 1024  # characters of a tensor or shard file name (real ones are < 100)
+
+
+def _bad_name(name: str) -> bool:
+    """Names end up in one-line error messages: no control characters, bounded length."""
+    return not name or len(name) > MAX_NAME or any(ord(c) < 32 or ord(c) == 127 for c in name)
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict]:
-    """Parse and bounds-check a safetensors header. Returns (entries, __metadata__)."""
+    """Parse and bounds-check a safetensors header. Returns (entries, __metadata__).
+
+    Every field is type- and range-checked before use; all problems of the file are reported
+    together (one line each)."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -97,41 +117,81 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict]:
             if len(head) < 8:
                 raise CheckpointReadError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (header_len,) = struct.unpack("<Q", head)
-            if header_len > size - 8 or header_len > 100 * 2**20:
+            if header_len > size - 8:
                 raise CheckpointReadError(
                     f"{path}: corrupt or truncated safetensors file (header says {header_len} header bytes, "
                     f"file has {size})")
+            if header_len > MAX_HEADER_BYTES:
+                raise CheckpointReadError(f"{path}: safetensors header of {header_len} bytes exceeds the "
+                                          f"{MAX_HEADER_BYTES} this reader accepts (corrupt or hostile file)")
             raw = f.read(header_len)
     except OSError as e:
         raise CheckpointReadError(f"{path}: cannot read: {e}") from e
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointReadError(f"{path}: corrupt safetensors header: {e}") from e
+    header = strict_json.loads(raw, str(path), CheckpointReadError, "safetensors header")
     if not isinstance(header, dict):
         raise CheckpointReadError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    problems = []
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        problems.append(f"{path}: safetensors __metadata__ must be an object of strings, got {short(metadata)}")
+        metadata = {}
     data_start = 8 + header_len
-    data_size = size - data_start
     entries = {}
+    past_end = []  # (end byte, key) of tensors beyond a truncated file: one problem for all of them
     for key, info in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except KeyError as e:
-            raise CheckpointReadError(f"{path}: tensor {key!r}: unsupported or missing header field {e}") from e
-        except (TypeError, ValueError) as e:
-            raise CheckpointReadError(f"{path}: tensor {key!r}: malformed header entry {info!r}") from e
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if end - begin != expected or begin < 0:
-            raise CheckpointReadError(
-                f"{path}: tensor {key!r}: header offsets [{begin}, {end}) do not match {info['dtype']} {list(shape)}")
-        if end > data_size:
-            raise CheckpointReadError(
-                f"{path}: truncated file: tensor {key!r} ends at byte {data_start + end}, file has {size} bytes")
-        entries[key] = TensorEntry(key, path, dtype, shape, (data_start + begin,))
+        entry = _safetensors_entry(path, key, info, data_start, problems)
+        if entry is None:
+            continue
+        if entry.locator[0] + entry.nbytes > size:
+            past_end.append((data_start + info["data_offsets"][1], key))
+            continue
+        entries[key] = entry
+    if past_end:
+        end, key = min(past_end)
+        more = f" (+{len(past_end) - 1} more tensors past the end)" if len(past_end) > 1 else ""
+        problems.append(f"{path}: truncated file: tensor {key[:200]!r} ends at byte {end}, file has {size} bytes{more}")
+    spans = sorted((e.locator[0], e.locator[0] + e.nbytes, k) for k, e in entries.items() if e.nbytes)
+    for (_, end, key), (begin, _, other) in zip(spans, spans[1:]):
+        if begin < end:
+            problems.append(f"{path}: tensors {key!r} and {other!r} overlap in the data section (corrupt header)")
+    raise_if_any(problems, error=CheckpointReadError)
     return entries, metadata
+
+
+def _safetensors_entry(path: Path, key: str, info, data_start: int, problems: list[str]) -> TensorEntry | None:
+    """One header entry -> TensorEntry, or None with the reason appended to `problems`."""
+    where = f"{path}: tensor {key[:200]!r}"
+    if _bad_name(key):
+        problems.append(f"{where}: tensor names must be printable and at most {MAX_NAME} characters")
+        return None
+    if not isinstance(info, dict):
+        problems.append(f"{where}: header entry must be an object, got {short(info)}")
+        return None
+    missing = [f for f in ("dtype", "shape", "data_offsets") if f not in info]
+    if missing:
+        problems.append(f"{where}: header entry lacks {', '.join(missing)}")
+        return None
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    bad = []
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        bad.append(f"unsupported dtype {short(dtype)}")
+    if not (isinstance(shape, list) and len(shape) <= MAX_RANK and all(is_int(n) and n >= 0 for n in shape)):
+        bad.append(f"shape must be a list of at most {MAX_RANK} integers >= 0, got {short(shape)}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]):
+        bad.append(f"data_offsets must be [begin, end] with 0 <= begin <= end, got {short(offsets)}")
+    if bad:
+        problems.append(f"{where}: " + "; ".join(bad))
+        return None
+    np_dtype = SAFETENSORS_DTYPES[dtype]
+    begin, end = offsets
+    expected = math.prod(shape) * np_dtype.itemsize  # Python ints: a hostile shape cannot overflow
+    if end - begin != expected:
+        problems.append(f"{where}: header offsets [{begin}, {end}) do not match {dtype} {short(shape)}")
+        return None
+    return TensorEntry(key, path, np_dtype, tuple(shape), (data_start + begin,))
 
 
 def _read_safetensors_tensor(f, entry: TensorEntry) -> np.ndarray:
@@ -165,7 +225,19 @@ class _LazyTensor:
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
                        metadata=None):
+    # Arguments come from an untrusted pickle: check them before anything is derived from them.
+    if not isinstance(storage, _StorageRef):
+        raise _BadPickle(f"tensor without a storage ({short(storage)})")
+    dims = (size, stride)
+    if not (is_int(storage_offset) and storage_offset >= 0 and all(isinstance(d, tuple) for d in dims)
+            and len(size) == len(stride) <= MAX_RANK and all(is_int(n) and n >= 0 for d in dims for n in d)):
+        raise _BadPickle(f"malformed tensor (offset {short(storage_offset)}, size {short(size)}, "
+                         f"stride {short(stride)})")
     return _LazyTensor(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+
+
+class _BadPickle(ValueError):
+    """A structurally wrong object inside data.pkl (reported as a corrupt file)."""
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
@@ -210,7 +282,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
             raise CheckpointReadError(f"{self.source}: unsupported persistent id {pid!r:.120}")
         _, storage_type, key, _location, numel = pid
-        return _StorageRef(str(key), storage_type.dtype, int(numel))
+        if not isinstance(key, str) or not is_int(numel) or numel < 0:
+            raise CheckpointReadError(f"{self.source}: malformed storage reference {pid!r:.120}")
+        return _StorageRef(key, storage_type.dtype, int(numel))
 
 
 def read_torch_zip_index(path: Path) -> tuple[dict[str, TensorEntry], dict[str, zipfile.ZipInfo]]:
@@ -234,6 +308,9 @@ def read_torch_zip_index(path: Path) -> tuple[dict[str, TensorEntry], dict[str, 
         if len(pkl) != 1:
             raise CheckpointReadError(f"{path}: torch zip without a single <root>/data.pkl record")
         root = pkl[0].split("/")[0]
+        if zf.getinfo(pkl[0]).file_size > MAX_PICKLE_BYTES:
+            raise CheckpointReadError(f"{path}: data.pkl of {zf.getinfo(pkl[0]).file_size} bytes exceeds the "
+                                      f"{MAX_PICKLE_BYTES} this reader accepts (corrupt or hostile file)")
         byteorder = f"{root}/byteorder"
         if byteorder in names and zf.read(byteorder).strip() != b"little":
             raise CheckpointReadError(f"{path}: big-endian torch checkpoints are not supported")
@@ -242,26 +319,43 @@ def read_torch_zip_index(path: Path) -> tuple[dict[str, TensorEntry], dict[str, 
         except CheckpointReadError:
             raise
         except Exception as e:  # a truncated pickle surfaces as many different exception types
-            raise CheckpointReadError(f"{path}: corrupt data.pkl: {type(e).__name__}: {e}") from e
+            raise CheckpointReadError(f"{path}: corrupt data.pkl: {type(e).__name__}: {str(e)[:200]}") from e
         records = {n[len(root) + 6:]: zf.getinfo(n) for n in names if n.startswith(f"{root}/data/")}
     if not isinstance(obj, dict):
         raise CheckpointReadError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     entries = {}
+    problems = []
+    archive_size = path.stat().st_size
     for key, t in obj.items():
+        if not isinstance(key, str):
+            problems.append(f"{path}: state dict key {short(key)} is not a string")
+            continue
+        where = f"{path}: tensor {key[:200]!r}"
+        if _bad_name(key):
+            problems.append(f"{where}: tensor names must be printable and at most {MAX_NAME} characters")
+            continue
         if not isinstance(t, _LazyTensor):
-            raise CheckpointReadError(f"{path}: entry {key!r} is a {type(t).__name__}, not a tensor")
+            problems.append(f"{where} is a {type(t).__name__}, not a tensor")
+            continue
         st = t.storage
         info = records.get(st.key)
         if info is None:
-            raise CheckpointReadError(f"{path}: tensor {key!r}: storage record data/{st.key} missing")
+            problems.append(f"{where}: storage record data/{st.key[:80]} missing")
+            continue
+        if info.compress_type != zipfile.ZIP_STORED or info.header_offset + info.compress_size > archive_size:
+            # torch.save stores records uncompressed; a compressed one could inflate far past the file
+            problems.append(f"{where}: storage data/{st.key[:80]} is compressed or extends past the end of the file")
+            continue
         if info.file_size != st.numel * st.dtype.itemsize:
-            raise CheckpointReadError(
-                f"{path}: tensor {key!r}: storage data/{st.key} has {info.file_size} bytes, expected "
-                f"{st.numel * st.dtype.itemsize}")
+            problems.append(f"{where}: storage data/{st.key[:80]} has {info.file_size} bytes, expected "
+                            f"{st.numel * st.dtype.itemsize}")
+            continue
         extent = t.offset + sum((n - 1) * s for n, s in zip(t.shape, t.stride)) + 1 if all(t.shape) else t.offset
-        if t.offset < 0 or any(s < 0 for s in t.stride) or extent > st.numel:
-            raise CheckpointReadError(f"{path}: tensor {key!r}: view exceeds its storage (corrupt file)")
-        entries[str(key)] = TensorEntry(str(key), path, st.dtype, t.shape, (st.key, t.offset, t.stride))
+        if extent > st.numel:
+            problems.append(f"{where}: view exceeds its storage (corrupt file)")
+            continue
+        entries[key] = TensorEntry(key, path, st.dtype, t.shape, (st.key, t.offset, t.stride))
+    raise_if_any(problems, error=CheckpointReadError)
     return entries, records
 
 
@@ -285,34 +379,44 @@ class CheckpointReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.files, self.container, self.weight_map = _resolve_files(self.path)
+        self.files, self.container, self.weight_map, self.index = _resolve_files(self.path)
         self.entries: dict[str, TensorEntry] = {}
         self.metadata: dict = {}
         self._records: dict[Path, dict[str, zipfile.ZipInfo]] = {}
+        problems = []  # of every shard, reported together
         for file in self.files:
-            if self.container == "safetensors":
-                entries, meta = read_safetensors_header(file)
-                self.metadata.update(meta)
-            else:
-                entries, self._records[file] = read_torch_zip_index(file)
+            try:
+                if self.container == "safetensors":
+                    entries, meta = read_safetensors_header(file)
+                    self.metadata.update(meta)
+                else:
+                    entries, self._records[file] = read_torch_zip_index(file)
+            except CheckpointReadError as e:
+                problems += e.problems
+                continue
             for key, entry in entries.items():
                 if key in self.entries:
-                    raise CheckpointReadError(f"key {key!r} appears in both {self.entries[key].file} and {file}")
+                    problems.append(f"key {key[:200]!r} appears in both {self.entries[key].file} and {file}")
+                    continue
                 self.entries[key] = entry
-        if self.weight_map is not None:
-            self._check_weight_map()
+        if self.weight_map is not None and not problems:
+            problems += self._weight_map_problems()
+        raise_if_any(problems, title=f"{self.path}: unreadable checkpoint" if len(problems) > 1 else "",
+                     error=CheckpointReadError)
 
-    def _check_weight_map(self):
+    def _weight_map_problems(self) -> list[str]:
+        problems = []
         for key, fname in self.weight_map.items():
             entry = self.entries.get(key)
             if entry is None:
-                raise CheckpointReadError(f"{self.path}: index lists {key!r} in {fname}, but no shard contains it")
-            if entry.file.name != Path(fname).name:
-                raise CheckpointReadError(
-                    f"{self.path}: index lists {key!r} in {fname}, but it is stored in {entry.file.name}")
+                problems.append(f"{self.index}: weight_map lists {key[:200]!r} in {fname}, but no shard contains it")
+            elif entry.file.name != fname:
+                problems.append(f"{self.index}: weight_map lists {key[:200]!r} in {fname}, but it is stored in "
+                                f"{entry.file.name}")
         extra = sorted(set(self.entries) - set(self.weight_map))
         if extra:
-            raise CheckpointReadError(f"{self.path}: shards contain keys missing from the index: {_names(extra)}")
+            problems.append(f"{self.index}: shards contain keys missing from weight_map: {_names(extra)}")
+        return problems
 
     @property
     def total_bytes(self) -> int:
@@ -380,17 +484,17 @@ class CheckpointReader:
             raise CheckpointReadError(f"{file}: corrupt zip archive: {e}") from e
 
 
-def _resolve_files(path: Path) -> tuple[list[Path], str, dict | None]:
-    """(shard files in index order, container kind, weight_map or None)."""
+def _resolve_files(path: Path) -> tuple[list[Path], str, dict | None, Path | None]:
+    """(shard files in index order, container kind, weight_map or None, index file or None)."""
     if not path.exists():
         raise CheckpointReadError(f"{path}: no such file or directory")
     if path.is_file():
         if path.name.endswith(".index.json"):
             return _from_index(path)
         if path.suffix == ".safetensors":
-            return [path], "safetensors", None
+            return [path], "safetensors", None, None
         if path.suffix in (".bin", ".pt", ".pth"):
-            return [path], "torch", None
+            return [path], "torch", None, None
         raise CheckpointReadError(f"{path}: not a .safetensors, .bin or *.index.json file")
     for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, BIN_INDEX, BIN_SINGLE):
         candidate = path / name
@@ -398,28 +502,50 @@ def _resolve_files(path: Path) -> tuple[list[Path], str, dict | None]:
             return _resolve_files(candidate)
     singles = sorted(path.glob("*.safetensors"))
     if len(singles) == 1:
-        return singles, "safetensors", None
+        return singles, "safetensors", None, None
     raise CheckpointReadError(
         f"{path}: no checkpoint found (looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, {BIN_INDEX}, "
         f"{BIN_SINGLE}, or a single *.safetensors)")
 
 
-def _from_index(index: Path) -> tuple[list[Path], str, dict]:
-    try:
-        data = json.loads(index.read_text())
-        weight_map = data["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointReadError(f"{index}: unreadable shard index: {e}") from e
+def _from_index(index: Path) -> tuple[list[Path], str, dict, Path]:
+    """Shards named by a `*.index.json`. Each weight_map value must be the bare name of an
+    existing shard file next to the index: never a path (`../x`, `/etc/x`, `sub/x`), so a
+    downloaded index cannot make the converter read files outside the checkpoint directory."""
+    data = strict_json.load(index, CheckpointReadError, "shard index")
+    if not isinstance(data, dict) or "weight_map" not in data:
+        raise CheckpointReadError(f"{index}: unreadable shard index: expected an object with a weight_map")
+    weight_map = data["weight_map"]
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointReadError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file, "
+                                  f"got {short(weight_map)}")
     container = "safetensors" if index.name.startswith("model.safetensors") or ".safetensors" in index.name else "torch"
+    suffixes = (".safetensors",) if container == "safetensors" else (".bin", ".pt", ".pth")
+    bad: dict[str, list[str]] = collections.defaultdict(list)  # reason -> tensor names
     files = []
-    for fname in dict.fromkeys(weight_map.values()):
-        f = index.parent / fname
-        if not f.is_file():
-            raise CheckpointReadError(f"{index}: shard file {fname} is missing")
-        files.append(f)
-    return files, container, weight_map
+    for key, fname in weight_map.items():
+        reason = _shard_name_problem(index, fname, suffixes)
+        if reason:
+            bad[reason].append(key)
+        elif index.parent / fname not in files:
+            files.append(index.parent / fname)
+    problems = [f"{index}: weight_map: {reason} (for {_names([k[:120] for k in keys], 3)})"
+                for reason, keys in bad.items()]
+    raise_if_any(problems, error=CheckpointReadError)
+    return files, container, weight_map, index
+
+
+def _shard_name_problem(index: Path, fname, suffixes: tuple[str, ...]) -> str | None:
+    if not isinstance(fname, str):
+        return f"shard file must be a file name, got {short(fname)}"
+    if (_bad_name(fname) or fname in (".", "..") or "/" in fname or "\\" in fname or Path(fname).is_absolute()
+            or Path(fname).name != fname):
+        return f"shard file {short(fname)} is not a plain file name in the checkpoint directory"
+    if not fname.endswith(suffixes):
+        return f"shard file {fname[:200]} is not a {' / '.join(suffixes)} file"
+    if not (index.parent / fname).is_file():
+        return f"shard file {fname[:200]} is missing"
+    return None
 
 
 def _names(keys: list[str], limit: int = 12) -> str:

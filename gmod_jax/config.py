@@ -9,9 +9,134 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import re
 from typing import Any
 
 from gmod_jax import token_types
+
+# Upper bound of every size, count and token id: values beyond int32 are never real and would
+# overflow the int32 arithmetic of the model code.
+MAX_INT = 2**31 - 1
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+_ROPE_REQUIRED = {"linear": ("factor",), "dynamic": ("factor",),
+                  "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                  "longrope": ("short_factor", "long_factor")}
+PROJECTOR_TYPE = re.compile(r"^mlp([1-9][0-9]{0,2})x_gelu$")
+
+
+class ConfigError(ValueError):
+    """Invalid config values; `problems` holds one line per bad field, named as `section.field`."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class _Fields:
+    """Type and range checks of one config section's fields, collecting one problem per field.
+
+    Integral and real values are normalised to `int` / `float` (numpy scalars from user code are
+    accepted, bools never count as numbers) so a valid config hashes and serialises as JSON.
+    """
+
+    def __init__(self, obj, section: str):
+        self.obj, self.section, self.problems = obj, section, []
+
+    def fail(self, name: str, message: str):
+        self.problems.append(f"{self.section}.{name} {message}")
+
+    def _value(self, name):
+        return getattr(self.obj, name)
+
+    def _set(self, name, value):
+        object.__setattr__(self.obj, name, value)
+
+    def int(self, name: str, lo: int = 1, hi: int = MAX_INT, optional: bool = False) -> bool:
+        value = self._value(name)
+        if optional and value is None:
+            return True
+        if not is_int(value) or not lo <= value <= hi:
+            self.fail(name, f"must be an integer in [{lo}, {hi}], got {short(value)}")
+            return False
+        self._set(name, int(value))
+        return True
+
+    def float(self, name: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+              hi_open: bool = False) -> bool:
+        value = self._value(name)
+        ok = is_real(value) and math.isfinite(value)
+        if ok and lo is not None:
+            ok = value > lo if lo_open else value >= lo
+        if ok and hi is not None:
+            ok = value < hi if hi_open else value <= hi
+        if not ok:
+            if lo is not None and hi is not None:
+                expected = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            elif lo is not None:
+                expected = f"a finite number {'>' if lo_open else '>='} {lo:g}"
+            else:
+                expected = "a finite number"
+            self.fail(name, f"must be {expected}, got {short(value)}")
+            return False
+        self._set(name, float(value))
+        return True
+
+    def bool(self, name: str) -> bool:
+        if not isinstance(self._value(name), bool):
+            self.fail(name, f"must be true or false, got {short(self._value(name))}")
+            return False
+        return True
+
+    def choice(self, name: str, choices) -> bool:
+        value = self._value(name)
+        if not isinstance(value, str) or value not in choices:
+            self.fail(name, f"must be one of {', '.join(map(str, choices))}, got {short(value)}")
+            return False
+        return True
+
+    def string(self, name: str) -> bool:
+        value = self._value(name)
+        if not isinstance(value, str) or not value:
+            self.fail(name, f"must be a non-empty string, got {short(value)}")
+            return False
+        return True
+
+    def raise_if_any(self):
+        if self.problems:
+            raise ConfigError(self.problems)
+
+
+def is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def short(value, limit: int = 60) -> str:
+    """repr of a (possibly hostile, huge) value cut to one short line for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def feature_layer_problem(feature_layer, num_layers: int, field: str = "vision.feature_layer") -> str | None:
+    """Why `feature_layer` cannot index the hidden states of a `num_layers`-layer tower, or None.
+
+    HF semantics: hidden_states has num_layers + 1 entries (0 = the pre-encoder embeddings), so
+    valid indices are -(num_layers + 1) .. num_layers, as in a Python list. transformers raises an
+    IndexError for anything else; clamping would silently pick another layer's features.
+    """
+    layers = tuple(feature_layer) if isinstance(feature_layer, (list, tuple)) else (feature_layer,)
+    if not layers or not all(is_int(l) for l in layers):
+        return f"{field} must be an integer or a non-empty list of integers, got {short(feature_layer)}"
+    bad = [int(l) for l in layers if not -(num_layers + 1) <= l <= num_layers]
+    if bad:
+        return (f"{field} {short(feature_layer)}: {', '.join(map(str, bad))} outside the vision tower's hidden "
+                f"states -{num_layers + 1}..{num_layers} ({num_layers} layers)")
+    return None
 
 
 def _tuple(value):
@@ -36,13 +161,22 @@ class ConvNeXtConfig:
     mlp_ratio: int = 4
 
     def __post_init__(self):
-        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
-        object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
-        if not self.depths or len(self.depths) != len(self.dims):
-            raise ValueError(f"convnext depths {self.depths} and dims {self.dims} must be non-empty and "
-                             f"of equal length")
+        f = _Fields(self, "convnext")
+        for name in ("depths", "dims"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)) and value and all(is_int(v) and 1 <= v <= MAX_INT for v in value):
+                object.__setattr__(self, name, tuple(int(v) for v in value))
+            else:
+                f.fail(name, f"must be a non-empty list of positive integers, got {short(value)}")
+        for name in ("patch_size", "kernel_size", "mlp_ratio"):
+            f.int(name)
+        f.float("norm_eps", lo=0.0, lo_open=True)
+        f.bool("layer_scale")
+        f.raise_if_any()
+        if len(self.depths) != len(self.dims):
+            raise ConfigError([f"convnext depths {self.depths} and dims {self.dims} must be of equal length"])
         if self.kernel_size % 2 == 0:
-            raise ValueError(f"convnext kernel_size must be odd (same padding), got {self.kernel_size}")
+            raise ConfigError([f"convnext.kernel_size must be odd (same padding), got {self.kernel_size}"])
 
     @property
     def num_stages(self) -> int:
@@ -92,18 +226,37 @@ class VisionConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "feature_layer", _tuple(self.feature_layer))
-        if isinstance(self.slow, dict):
-            object.__setattr__(self, "slow", _sub_config(ConvNeXtConfig, "vision.slow", self.slow))
-        if self.tower not in VISION_TOWERS:
-            raise ValueError(f"vision tower must be one of {VISION_TOWERS}, got {self.tower!r}")
-        if self.feature_strategy not in ("default", "full"):
-            raise ValueError(f"vision feature_strategy must be 'default' or 'full', got {self.feature_strategy!r}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"vision hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} not divisible by patch_size {self.patch_size}")
-        if isinstance(self.aux, dict):
-            object.__setattr__(self, "aux", _sub_config(ConvNeXtConfig, "vision.aux", self.aux))
+        for name in ("slow", "aux"):  # nested ConvNeXt configs given in their `to_dict` form
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, _sub_config(ConvNeXtConfig, f"vision.{name}", value))
+        f = _Fields(self, "vision")
+        sizes = all([f.int(name) for name in ("hidden_size", "intermediate_size", "num_heads", "image_size",
+                                               "patch_size", "num_channels")])
+        depth = f.int("num_layers")
+        f.float("layer_norm_eps", lo=0.0, lo_open=True)
+        f.string("hidden_act")
+        f.choice("feature_strategy", ("default", "full"))
+        f.choice("tower", VISION_TOWERS)
+        f.int("image_size_aux", lo=0)
+        f.int("image_grid")
+        f.bool("image_global")
+        for name in ("slow", "aux"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), ConvNeXtConfig):
+                f.fail(name, f"must be a ConvNeXt config or null, got {short(getattr(self, name))}")
+        if depth:
+            problem = feature_layer_problem(self.feature_layer, self.num_layers)
+            if problem:
+                f.problems.append(problem)
+            else:
+                layers = self.feature_layer
+                object.__setattr__(self, "feature_layer",
+                                   tuple(int(l) for l in layers) if isinstance(layers, tuple) else int(layers))
+        if sizes and self.hidden_size % self.num_heads:
+            f.problems.append(f"vision.hidden_size {self.hidden_size} not divisible by vision.num_heads {self.num_heads}")
+        if sizes and self.image_size % self.patch_size:
+            f.problems.append(f"vision.image_size {self.image_size} not divisible by vision.patch_size {self.patch_size}")
+        f.raise_if_any()
         if self.tower == "mgm":
             self._check_mgm()
 
@@ -167,13 +320,19 @@ class ProjectorConfig:
     bias: bool = True
     hidden_act: str = "gelu"  # exact erf GELU, as `ACT2FN["gelu"]`
 
+    def __post_init__(self):
+        f = _Fields(self, "projector")
+        if not (isinstance(self.type, str) and (self.type == "linear" or PROJECTOR_TYPE.match(self.type))):
+            f.fail("type", f"must be 'linear' or 'mlpNx_gelu' (N in 1..999), got {short(self.type)}")
+        f.bool("bias")
+        f.string("hidden_act")
+        f.raise_if_any()
+
     @property
     def depth(self) -> int:
         if self.type == "linear":
             return 1
-        if self.type.startswith("mlp") and self.type.endswith("x_gelu"):
-            return int(self.type[3:-6])
-        raise ValueError(f"unknown projector type {self.type!r} (expected 'linear' or 'mlpNx_gelu')")
+        return int(PROJECTOR_TYPE.match(self.type).group(1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,14 +361,27 @@ class LlamaConfig:
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", tuple(sorted((k, _tuple(v)) for k, v in self.rope_scaling.items())))
-        if self.head_dim is None:
+        f = _Fields(self, "text")
+        sizes = all([f.int(name) for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                                               "num_heads", "num_kv_heads", "max_position_embeddings")])
+        head_dim = f.int("head_dim", optional=True)
+        f.float("rms_norm_eps", lo=0.0, lo_open=True)
+        f.float("rope_theta", lo=0.0, lo_open=True)
+        f.float("initializer_range", lo=0.0, lo_open=True)
+        for name in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+            f.bool(name)
+        f.string("hidden_act")
+        f.problems += _rope_problems(self.rope_scaling)
+        if sizes and head_dim and self.head_dim is None:
             if self.hidden_size % self.num_heads:
-                raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
-            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} not divisible by num_kv_heads {self.num_kv_heads}")
-        if not self.initializer_range > 0:
-            raise ValueError(f"initializer_range must be > 0, got {self.initializer_range}")
+                f.problems.append(f"text.hidden_size {self.hidden_size} not divisible by text.num_heads {self.num_heads}")
+            else:
+                object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if sizes and head_dim and self.head_dim is not None and self.head_dim % 2:
+            f.problems.append(f"text.head_dim {self.head_dim} must be even (rotary embeddings rotate pairs)")
+        if sizes and self.num_heads % self.num_kv_heads:
+            f.problems.append(f"text.num_heads {self.num_heads} not divisible by text.num_kv_heads {self.num_kv_heads}")
+        f.raise_if_any()
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -223,6 +395,48 @@ class LlamaConfig:
 # cuDNN flash attention via `jax.nn.dot_product_attention` (GPU, bf16/fp16); "splash" is the
 # Pallas TPU splash-attention kernel.
 ATTENTION_IMPLS = ("auto", "xla", "blocked", "cpu_blocked", "cudnn", "splash")
+
+
+def _rope_problems(scaling) -> list[str]:
+    """Type and range checks of a rope scaling tuple (the keys `gmod_jax.layers.rope` reads)."""
+    if scaling is None:
+        return []
+    if not isinstance(scaling, tuple) or not all(isinstance(kv, tuple) and len(kv) == 2 and isinstance(kv[0], str)
+                                                 for kv in scaling):
+        return [f"text.rope_scaling must be a mapping of names to values, got {short(scaling)}"]
+    p = dict(scaling)
+    rope_type = p.get("rope_type", p.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        return [f"text.rope_scaling.rope_type must be one of {', '.join(ROPE_TYPES)}, got {short(rope_type)}"]
+    problems = [f"text.rope_scaling.{k} is required for rope_type {rope_type}"
+                for k in _ROPE_REQUIRED.get(rope_type, ()) if p.get(k) is None]
+    for key, value in p.items():
+        if key in ("rope_type", "type") or value is None:
+            continue
+        if key in ("short_factor", "long_factor"):
+            ok = isinstance(value, tuple) and bool(value) and all(is_real(v) and math.isfinite(v) and v > 0
+                                                                  for v in value)
+            if not ok:
+                problems.append(f"text.rope_scaling.{key} must be a non-empty list of positive numbers, "
+                                f"got {short(value)}")
+        elif key == "truncate":
+            if not isinstance(value, bool):
+                problems.append(f"text.rope_scaling.truncate must be true or false, got {short(value)}")
+        elif key == "original_max_position_embeddings":
+            if not is_int(value) or not 1 <= value <= MAX_INT:
+                problems.append(f"text.rope_scaling.{key} must be an integer in [1, {MAX_INT}], got {short(value)}")
+        elif key in ("factor", "low_freq_factor", "high_freq_factor", "attention_factor", "beta_fast", "beta_slow",
+                     "mscale", "mscale_all_dim"):
+            if not (is_real(value) and math.isfinite(value) and value > 0):
+                problems.append(f"text.rope_scaling.{key} must be a finite number > 0, got {short(value)}")
+        elif not (isinstance(value, (str, bool)) or is_real(value)
+                  or (isinstance(value, tuple) and all(is_real(v) for v in value))):
+            problems.append(f"text.rope_scaling.{key} must be a string, a number or a list of numbers, "
+                            f"got {short(value)}")
+    if rope_type == "llama3" and not problems and p["high_freq_factor"] <= p["low_freq_factor"]:
+        problems.append("text.rope_scaling.high_freq_factor must exceed low_freq_factor")
+    return problems
+
 
 MOD_PLACEMENTS = ("explicit", "arank_mod", "all", "every_2nd", "two_of_three")
 ROUTABLE_SPANS = ("token_types", "first_n")
@@ -266,28 +480,31 @@ class MoDConfig:
     routable_first_n: int = 0  # n of "first_n" (> 0 there; unused otherwise)
 
     def __post_init__(self):
-        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
-        if self.masking not in token_types.MASKING_PRESETS:
-            raise ValueError(f"mod.masking {self.masking!r} not in {sorted(token_types.MASKING_PRESETS)}")
-        if self.implementation not in ("gather", "onehot"):
-            raise ValueError(f"mod.implementation must be 'gather' or 'onehot', got {self.implementation!r}")
-        if self.inference_routing not in ("threshold", "capacity"):
-            raise ValueError(f"mod.inference_routing must be 'threshold' or 'capacity', got {self.inference_routing!r}")
-        if not 0.0 <= self.routing_ratio < 1.0:
-            raise ValueError(f"mod.routing_ratio must be in [0, 1), got {self.routing_ratio}")
-        if self.loss_layer_reduction not in ("sum", "mean") or self.loss_token_reduction not in ("all", "non_pad"):
-            raise ValueError("mod loss reductions: layer in {sum, mean}, token in {all, non_pad}")
-        if not 0.0 < self.threshold_max_capacity <= 1.0:
-            raise ValueError("mod.threshold_max_capacity must be in (0, 1]")
-        if isinstance(self.threshold_buckets, bool) or not isinstance(self.threshold_buckets, int) \
-                or self.threshold_buckets < 1:
-            raise ValueError(f"mod.threshold_buckets must be an integer >= 1, got {self.threshold_buckets!r}")
-        if self.router_init not in ("kaiming_uniform", "xavier_uniform"):
-            raise ValueError(f"mod.router_init must be 'kaiming_uniform' or 'xavier_uniform', got {self.router_init!r}")
-        if self.routable_span not in ROUTABLE_SPANS:
-            raise ValueError(f"mod.routable_span must be one of {ROUTABLE_SPANS}, got {self.routable_span!r}")
-        if self.routable_span == "first_n" and self.routable_first_n < 1:
-            raise ValueError(f"mod.routable_span 'first_n' needs mod.routable_first_n >= 1, got {self.routable_first_n}")
+        f = _Fields(self, "mod")
+        layers = tuple(self.layers) if isinstance(self.layers, (list, tuple, range)) else self.layers
+        if isinstance(layers, tuple) and all(is_int(i) and 0 <= i <= MAX_INT for i in layers):
+            object.__setattr__(self, "layers", tuple(int(i) for i in layers))
+        else:
+            f.fail("layers", f"must be a list of layer indices >= 0, got {short(self.layers)}")
+        f.bool("enabled")
+        f.choice("masking", sorted(token_types.MASKING_PRESETS))
+        f.choice("implementation", ("gather", "onehot"))
+        f.choice("inference_routing", ("threshold", "capacity"))
+        f.float("routing_ratio", lo=0.0, hi=1.0, hi_open=True)
+        f.float("router_aux_loss_coef", lo=0.0)
+        f.choice("loss_layer_reduction", ("sum", "mean"))
+        f.choice("loss_token_reduction", ("all", "non_pad"))
+        f.bool("shared_router")
+        f.bool("compact_positions")
+        f.float("prefill_threshold", lo=0.0, hi=1.0)
+        f.float("decode_threshold", lo=0.0, hi=1.0)
+        f.float("threshold_max_capacity", lo=0.0, hi=1.0, lo_open=True)
+        f.int("threshold_buckets")
+        f.choice("router_init", ("kaiming_uniform", "xavier_uniform"))
+        f.choice("routable_span", ROUTABLE_SPANS)
+        if f.int("routable_first_n", lo=0) and self.routable_span == "first_n" and self.routable_first_n < 1:
+            f.fail("routable_first_n", f"must be >= 1 for routable_span 'first_n', got {self.routable_first_n}")
+        f.raise_if_any()
 
     @property
     def routable_types(self) -> token_types.RoutableTypes:
@@ -334,19 +551,26 @@ class ModelConfig:
     tokenizer_model_max_length: int | None = None
 
     def __post_init__(self):
+        sections = {"vision": VisionConfig, "projector": ProjectorConfig, "text": LlamaConfig, "mod": MoDConfig}
+        problems = [f"{name} must be a {klass.__name__}, got {short(getattr(self, name))}"
+                    for name, klass in sections.items() if not isinstance(getattr(self, name), klass)]
+        if problems:
+            raise ConfigError(problems)
+        f = _Fields(self, "config")
+        f.int("image_token_index", lo=-MAX_INT)
+        if self.pad_token_id is not None:
+            f.int("pad_token_id", lo=0)
+        f.choice("dtype", ("float32", "bfloat16", "float16"))
+        f.choice("param_dtype", ("float32", "bfloat16", "float16"))
+        f.choice("remat", ("none", "full", "dots"))
+        f.bool("scan_layers")
+        f.choice("attention_impl", ATTENTION_IMPLS)
+        f.int("tokenizer_model_max_length", optional=True)
         if self.mod.enabled:
             bad = [i for i in self.mod.layers if not 0 <= i < self.text.num_layers]
             if bad:
-                raise ValueError(f"mod.layers {bad} outside 0..{self.text.num_layers - 1}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-                raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
-        if self.remat not in ("none", "full", "dots"):
-            raise ValueError(f"remat must be none, full or dots, got {self.remat!r}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
-        if self.tokenizer_model_max_length is not None and self.tokenizer_model_max_length < 1:
-            raise ValueError(f"tokenizer_model_max_length must be >= 1 or None, got {self.tokenizer_model_max_length}")
+                f.problems.append(f"mod.layers {bad} outside 0..{self.text.num_layers - 1}")
+        f.raise_if_any()
 
     @property
     def image_seq_length(self) -> int:
@@ -378,20 +602,43 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """Build from `to_dict` output (a checkpoint's config.json); every problem of every section
+        is reported at once in one ConfigError."""
+        if not isinstance(d, dict):
+            raise ConfigError([f"a model config must be a JSON object, got {short(d)}"])
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+            raise ConfigError([f"unknown ModelConfig fields: {short(sorted(unknown), 200)}"])
+        problems = []
         sub = {"vision": VisionConfig, "projector": ProjectorConfig, "text": LlamaConfig, "mod": MoDConfig}
         for key, klass in sub.items():
-            if key in d and isinstance(d[key], dict):
-                d[key] = _sub_config(klass, key, d[key])
+            if key not in d or isinstance(d[key], klass):
+                continue
+            if not isinstance(d[key], dict):
+                problems.append(f"{key} must be an object, got {short(d[key])}")
+                continue
+            fields = {f.name for f in dataclasses.fields(klass)}
+            bad = set(d[key]) - fields
+            if bad:
+                problems.append(f"unknown {key} config fields: {short(sorted(bad), 200)}")
+                continue
+            try:
+                d[key] = klass(**{k: _tuple(v) if k != "rope_scaling" else _rope(v) for k, v in d[key].items()})
+            except ConfigError as e:
+                problems += e.problems
+        if problems:
+            raise ConfigError(problems)
         return cls(**d)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except RecursionError:
+            raise ConfigError(["config JSON nests too deeply"]) from None
+        return cls.from_dict(data)
 
 
 # Nested config fields inside sub-configs (e.g. VisionConfig's ConvNeXt trunks), by field name.
@@ -403,7 +650,7 @@ def _sub_config(klass, name: str, values: dict):
     fields = {f.name for f in dataclasses.fields(klass)}
     bad = set(values) - fields
     if bad:
-        raise ValueError(f"unknown {name} config fields: {sorted(bad)}")
+        raise ConfigError([f"unknown {name} config fields: {short(sorted(bad), 200)}"])
     out = {}
     for k, v in values.items():
         if k in _NESTED and isinstance(v, dict):
@@ -414,11 +661,11 @@ def _sub_config(klass, name: str, values: dict):
 
 
 def _rope(value):
-    if value is None:
-        return None
-    if isinstance(value, dict):
+    if value is None or isinstance(value, dict):
         return value
-    return tuple((k, _tuple(v)) for k, v in value)
+    if isinstance(value, (list, tuple)) and all(isinstance(kv, (list, tuple)) and len(kv) == 2 for kv in value):
+        return tuple((k, _tuple(v)) for k, v in value)
+    return value  # LlamaConfig reports it
 
 
 # ----------------------------------------------------------------------------------------------
