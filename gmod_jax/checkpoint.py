@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gmod_jax.config import ModelConfig
+from gmod_jax.config import ConfigError, ModelConfig
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -160,7 +160,12 @@ def _to_numpy(tree):
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
-    return ModelConfig.from_json((Path(path) / CONFIG_FILE).read_text())
+    """The checkpoint's ModelConfig; a bad value is a ConfigError naming the file and every field."""
+    file = Path(path) / CONFIG_FILE
+    try:
+        return ModelConfig.from_json(file.read_text())
+    except ConfigError as e:
+        raise ConfigError([f"{file}: {problem}" for problem in e.problems]) from None
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict]:

@@ -553,8 +553,9 @@ def test_unmutated_bases_convert(tmp_path, bases):
         with pytest.raises(ValueError, match=re.escape(words)):
             gmod_jax.load(str(tmp_path / "hf"))
     config_path.write_text(json.dumps({**saved, "text": "llama"}))
-    with pytest.raises(ValueError, match="text must be an object"):
+    with pytest.raises(ValueError, match="text must be an object") as info:
         gmod_jax.load(str(tmp_path / "hf"))
+    assert str(config_path) in str(info.value)  # the message names the file too
 
 
 @pytest.mark.parametrize("layer", [-4, 3, (-1, 3), (), "-1", 1.0, True])
