@@ -23,6 +23,45 @@ def _tuple(value):
 
 
 @dataclasses.dataclass(frozen=True)
+class ConvNeXtConfig:
+    """ConvNeXt trunk (timm `ConvNeXt` field meanings; stem + stages, no head). Defaults are
+    ConvNeXt-L (`convnext_large_mlp`, LLaVA-HR's slow tower; open_clip `convnext_large_d_320`)."""
+
+    depths: tuple[int, ...] = (3, 3, 27, 3)
+    dims: tuple[int, ...] = (192, 384, 768, 1536)
+    patch_size: int = 4  # stem conv kernel = stride
+    kernel_size: int = 7  # depthwise conv of each block
+    norm_eps: float = 1e-6
+    layer_scale: bool = True
+    mlp_ratio: int = 4
+
+    def __post_init__(self):
+        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
+        if not self.depths or len(self.depths) != len(self.dims):
+            raise ValueError(f"convnext depths {self.depths} and dims {self.dims} must be non-empty and "
+                             f"of equal length")
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"convnext kernel_size must be odd (same padding), got {self.kernel_size}")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.depths)
+
+    @property
+    def stride(self) -> int:
+        """Total downsampling of the last stage: the stem patch, then 2x per later stage."""
+        return self.patch_size * 2 ** (self.num_stages - 1)
+
+    @property
+    def width(self) -> int:
+        return self.dims[-1]
+
+
+VISION_TOWERS = ("clip",)
+
+
+@dataclasses.dataclass(frozen=True)
 class VisionConfig:
     """CLIP ViT tower (HF `CLIPVisionConfig` field meanings)."""
 
@@ -39,9 +78,16 @@ class VisionConfig:
     # index into hidden_states, where 0 is the pre-layernorm output and i the i-th layer output).
     feature_layer: int | tuple[int, ...] = -2
     feature_strategy: str = "default"  # "default" drops CLS, "full" keeps it
+    # Which tower `LlavaModel` builds: "clip" (LLaVA-1.5: the CLIP ViT above).
+    tower: str = "clip"
+    slow: ConvNeXtConfig | None = None  # ConvNeXt trunk of a multi-path tower (LLaVA-HR)
 
     def __post_init__(self):
         object.__setattr__(self, "feature_layer", _tuple(self.feature_layer))
+        if isinstance(self.slow, dict):
+            object.__setattr__(self, "slow", _sub_config(ConvNeXtConfig, "vision.slow", self.slow))
+        if self.tower not in VISION_TOWERS:
+            raise ValueError(f"vision tower must be one of {VISION_TOWERS}, got {self.tower!r}")
         if self.feature_strategy not in ("default", "full"):
             raise ValueError(f"vision feature_strategy must be 'default' or 'full', got {self.feature_strategy!r}")
         if self.hidden_size % self.num_heads:
@@ -239,16 +285,31 @@ class ModelConfig:
         sub = {"vision": VisionConfig, "projector": ProjectorConfig, "text": LlamaConfig, "mod": MoDConfig}
         for key, klass in sub.items():
             if key in d and isinstance(d[key], dict):
-                fields = {f.name for f in dataclasses.fields(klass)}
-                bad = set(d[key]) - fields
-                if bad:
-                    raise ValueError(f"unknown {key} config fields: {sorted(bad)}")
-                d[key] = klass(**{k: _tuple(v) if k != "rope_scaling" else _rope(v) for k, v in d[key].items()})
+                d[key] = _sub_config(klass, key, d[key])
         return cls(**d)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
         return cls.from_dict(json.loads(text))
+
+
+# Nested config fields inside sub-configs (e.g. VisionConfig's ConvNeXt trunks), by field name.
+_NESTED = {"slow": ConvNeXtConfig}
+
+
+def _sub_config(klass, name: str, values: dict):
+    """Build a sub-config from its `to_dict` form, naming unknown fields by their dotted path."""
+    fields = {f.name for f in dataclasses.fields(klass)}
+    bad = set(values) - fields
+    if bad:
+        raise ValueError(f"unknown {name} config fields: {sorted(bad)}")
+    out = {}
+    for k, v in values.items():
+        if k in _NESTED and isinstance(v, dict):
+            out[k] = _sub_config(_NESTED[k], f"{name}.{k}", v)
+        else:
+            out[k] = _rope(v) if k == "rope_scaling" else _tuple(v)
+    return klass(**out)
 
 
 def _rope(value):

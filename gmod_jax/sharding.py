@@ -73,6 +73,16 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...] | None], ...] = (
     (r"^vision/layers/fc1/bias$", ("layers", "mlp")),
     (r"^vision/layers/fc2/kernel$", ("layers", "mlp", "embed")),
     (r"^vision/layers/fc2/bias$", ("layers", "embed")),
+    # ConvNeXt trunks (models/convnext.py), wherever they hang: blocks stacked per stage
+    (r"(^|/)stem/conv/kernel$", (None, None, None, "embed")),
+    (r"(^|/)stages_\d+/downsample/conv/kernel$", (None, None, None, "embed")),
+    (r"(^|/)(stem|stages_\d+/downsample)/(conv|norm)/(bias|scale)$", None),
+    (r"(^|/)stages_\d+/blocks/conv_dw/kernel$", ("layers", None, None, None, "embed")),
+    (r"(^|/)stages_\d+/blocks/(conv_dw/bias|norm/scale|norm/bias|layer_scale)$", ("layers", "norm")),
+    (r"(^|/)stages_\d+/blocks/mlp/fc1/kernel$", ("layers", "embed", "mlp")),
+    (r"(^|/)stages_\d+/blocks/mlp/fc1/bias$", ("layers", "mlp")),
+    (r"(^|/)stages_\d+/blocks/mlp/fc2/kernel$", ("layers", "mlp", "embed")),
+    (r"(^|/)stages_\d+/blocks/mlp/fc2/bias$", ("layers", "norm")),
 )
 
 
