@@ -60,10 +60,10 @@ class Model:
         types = np.asarray(token_types, dtype=np.int32)
         if pixel_values is not None:
             pixel_values = np.asarray(pixel_values, dtype=np.float32)
-            v = self.config.vision
-            expected = (v.image_size, v.image_size, v.num_channels)
+            side, channels = self.config.input_image_size, self.config.vision.num_channels
+            expected = (side, side, channels)
             if pixel_values.ndim != 4 or pixel_values.shape[1:] != expected:
-                raise ValueError(f"pixel_values must be [N, {v.image_size}, {v.image_size}, {v.num_channels}] "
+                raise ValueError(f"pixel_values must be [N, {side}, {side}, {channels}] "
                                  f"(channels last), got {pixel_values.shape}")
         return ids, pixel_values, mask, types
 

@@ -58,12 +58,20 @@ class ConvNeXtConfig:
         return self.dims[-1]
 
 
-VISION_TOWERS = ("clip",)
+# "clip": LLaVA-1.5 (the CLIP ViT alone); "multipath": LLaVA-HR (CLIP fast path + ConvNeXt slow
+# path + MR-adapters, see models/multipath.py).
+VISION_TOWERS = ("clip", "multipath")
 
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """CLIP ViT tower (HF `CLIPVisionConfig` field meanings)."""
+    """Vision tower. The CLIP ViT fields have HF `CLIPVisionConfig` meanings (`image_size` is the
+    CLIP's native size: its position table has `num_patches + 1` rows).
+
+    `tower="multipath"` is LLaVA-HR: the model takes `input_image_size` (S) pixels; the CLIP runs
+    on them resized to `fast_image_size` = max(int(S / slow.stride · patch_size), image_size)
+    (LLaVA-HR's max(int(S/32·14), 336)), the ConvNeXt `slow` trunk on S itself. `feature_layer`
+    and `feature_strategy` are ignored there (all layers, CLS dropped, as the official code)."""
 
     hidden_size: int = 1024
     intermediate_size: int = 4096
@@ -78,9 +86,13 @@ class VisionConfig:
     # index into hidden_states, where 0 is the pre-layernorm output and i the i-th layer output).
     feature_layer: int | tuple[int, ...] = -2
     feature_strategy: str = "default"  # "default" drops CLS, "full" keeps it
-    # Which tower `LlavaModel` builds: "clip" (LLaVA-1.5: the CLIP ViT above).
+    # Which tower `LlavaModel` builds (VISION_TOWERS).
     tower: str = "clip"
     slow: ConvNeXtConfig | None = None  # ConvNeXt trunk of a multi-path tower (LLaVA-HR)
+    input_image_size: int | None = None  # multipath: S, the model's pixel input side
+    # multipath: the three MR-adapters after each quarter of the CLIP layers exist (LLaVA-HR's
+    # `freeze_vision: false`; its stage 1 trains without them).
+    latent_adapters: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "feature_layer", _tuple(self.feature_layer))
@@ -94,6 +106,56 @@ class VisionConfig:
             raise ValueError(f"vision hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} not divisible by patch_size {self.patch_size}")
+        if self.tower == "multipath":
+            self._check_multipath()
+
+    def _check_multipath(self):
+        if self.slow is None or self.input_image_size is None:
+            raise ValueError("vision tower 'multipath' needs vision.slow (a ConvNeXt config) and "
+                             "vision.input_image_size")
+        if self.num_layers % 4:
+            raise ValueError(f"vision tower 'multipath' runs the CLIP layers in 4 groups: num_layers "
+                             f"{self.num_layers} is not a multiple of 4")
+        s, stride = self.input_image_size, self.slow.stride
+        if s <= 0 or s % stride:
+            raise ValueError(f"vision.input_image_size {s} must be a positive multiple of the ConvNeXt "
+                             f"stride {stride}")
+        if self.fast_image_size % self.patch_size:
+            raise ValueError(f"vision.input_image_size {s} gives a fast-path size {self.fast_image_size} "
+                             f"that is not a multiple of patch_size {self.patch_size}")
+        fast, slow = self.num_image_tokens, self.slow_grid ** 2
+        if fast % slow and slow % fast:
+            raise ValueError(f"vision.input_image_size {s}: slow grid {self.slow_grid}² and fast grid "
+                             f"{self.token_grid}² token counts do not divide one another")
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square pixel input the model takes (what preprocessing produces)."""
+        return self.input_image_size if self.tower == "multipath" else self.image_size
+
+    @property
+    def fast_image_size(self) -> int:
+        """Side the CLIP sees: its native `image_size`, or LLaVA-HR's resized fast input."""
+        if self.tower != "multipath":
+            return self.image_size
+        return max(int(self.input_image_size / self.slow.stride * self.patch_size), self.image_size)
+
+    @property
+    def token_grid(self) -> int:
+        """Side of the (square, row-major) image-token grid: the CLIP patch grid of the input the
+        CLIP sees."""
+        return self.fast_image_size // self.patch_size
+
+    @property
+    def slow_grid(self) -> int:
+        return self.input_image_size // self.slow.stride
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the tower's output tokens (the projector's input)."""
+        if self.tower == "multipath":
+            return self.hidden_size
+        return self.hidden_size * len(self.feature_layers)
 
     @property
     def num_patches(self) -> int:
@@ -110,6 +172,8 @@ class VisionConfig:
 
     @property
     def num_image_tokens(self) -> int:
+        if self.tower == "multipath":
+            return self.token_grid ** 2
         return self.num_patches + (1 if self.feature_strategy == "full" else 0)
 
 
@@ -260,7 +324,13 @@ class ModelConfig:
 
     @property
     def image_seq_length(self) -> int:
+        """Image tokens one image contributes to the LLM sequence."""
         return self.vision.num_image_tokens
+
+    @property
+    def input_image_size(self) -> int:
+        """Side of the square `pixel_values` the model takes ([N, side, side, C], channels last)."""
+        return self.vision.input_size
 
     @property
     def mod_layers(self) -> tuple[int, ...]:
@@ -357,4 +427,42 @@ def tiny(**kw) -> ModelConfig:
                          num_heads=4, num_kv_heads=4, max_position_embeddings=512),
         image_token_index=127, pad_token_id=0,
     )
+    return cfg.replace(**kw) if kw else cfg
+
+
+# LLaVA-HR keeps original LLaVA's placeholder: id -200 (llava/constants.py IMAGE_TOKEN_INDEX),
+# outside the 32000-token Vicuna vocabulary, as converted original-layout checkpoints get it.
+LLAVA_HR_IMAGE_TOKEN_INDEX = -200
+
+
+def llava_hr_7b(input_image_size: int = 1024, **mod_kw) -> ModelConfig:
+    """LLaVA-HR-7B (Vicuna-7B-v1.5 + CLIP-L/336 fast path + ConvNeXt-L `convnext_large_mlp` slow
+    path with MR-adapters, mlp2x_gelu) at S = `input_image_size` (1024: 1024 image tokens;
+    384 is its stage 1, 768 and 1536 the paper's other sizes)."""
+    return ModelConfig(
+        vision=VisionConfig(tower="multipath", slow=ConvNeXtConfig(), input_image_size=input_image_size),
+        projector=ProjectorConfig(),
+        text=LlamaConfig(vocab_size=32000, rms_norm_eps=1e-5, max_position_embeddings=4096),
+        image_token_index=LLAVA_HR_IMAGE_TOKEN_INDEX, pad_token_id=0,
+        mod=MoDConfig(**mod_kw) if mod_kw else MoDConfig(),
+    )
+
+
+def llava_hr_13b(input_image_size: int = 1024, **mod_kw) -> ModelConfig:
+    """LLaVA-HR-13B: as `llava_hr_7b` with Vicuna-13B-v1.5."""
+    base = llava_hr_7b(input_image_size, **mod_kw)
+    return base.replace(text=dataclasses.replace(base.text, hidden_size=5120, intermediate_size=13824,
+                                                 num_layers=40, num_heads=40, num_kv_heads=40))
+
+
+def tiny_hr(input_image_size: int = 96, **kw) -> ModelConfig:
+    """A CPU-sized LLaVA-HR with the 7B code paths. The CLIP (4 layers, patch 4, native 16 px: a
+    4x4 grid) and the ConvNeXt (4 stages, stride 16) keep LLaVA-HR's geometry ratios: S = 64
+    is its 768 (fast grid = native grid = slow grid), the default 96 its 1024 (position table
+    resampled 4 -> 6, 36 image tokens), 32 its stage-1 384 (slow grid 2 upsampled to 4)."""
+    base = tiny()
+    cfg = base.replace(
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, image_size=16,
+                            patch_size=4, tower="multipath", input_image_size=input_image_size,
+                            slow=ConvNeXtConfig(depths=(1, 1, 2, 1), dims=(8, 16, 24, 40), patch_size=2)))
     return cfg.replace(**kw) if kw else cfg

@@ -73,6 +73,15 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...] | None], ...] = (
     (r"^vision/layers/fc1/bias$", ("layers", "mlp")),
     (r"^vision/layers/fc2/kernel$", ("layers", "mlp", "embed")),
     (r"^vision/layers/fc2/bias$", ("layers", "embed")),
+    # LLaVA-HR multi-path tower (models/multipath.py): MR-adapters stacked x3, final fusion;
+    # its ConvNeXt trunk `vision/slow/` follows the ConvNeXt rules below
+    (r"^vision/adapters/(slow_conv|slow_proj|fast_proj)/kernel$", ("layers", None, "embed")),
+    (r"^vision/adapters/fast_conv/kernel$", ("layers", None, None, None, "embed")),
+    (r"^vision/adapters/gate/fc1/kernel$", ("layers", "embed", None)),
+    (r"^vision/adapters/gate/fc2/kernel$", ("layers", None, None)),
+    (r"^vision/adapters/.*/bias$", ("layers", "norm")),
+    (r"^vision/fusion/(fast_proj|slow_proj)/kernel$", (None, "embed")),
+    (r"^vision/fusion/.*/bias$", None),
     # ConvNeXt trunks (models/convnext.py), wherever they hang: blocks stacked per stage
     (r"(^|/)stem/conv/kernel$", (None, None, None, "embed")),
     (r"(^|/)stages_\d+/downsample/conv/kernel$", (None, None, None, "embed")),

@@ -160,7 +160,7 @@ class SyntheticBatches:
         types[start:start + a_len] = tt.ANSWER
         labels = np.where(types == tt.ANSWER, ids, IGNORE_INDEX).astype(np.int32)
         v = m.vision
-        pixels = rng.standard_normal((v.image_size, v.image_size, v.num_channels), dtype=np.float32)
+        pixels = rng.standard_normal((m.input_image_size, m.input_image_size, v.num_channels), dtype=np.float32)
         return ids, labels, types, pixels
 
     def batch_at(self, step: int) -> dict[str, np.ndarray]:

@@ -36,7 +36,7 @@ def init_params(model: ModelConfig, rng) -> dict:
     """Random params (jittable; under jit with out_shardings each device builds only its shard)."""
     v = model.vision
     ids = jnp.zeros((1, model.image_seq_length + 2), jnp.int32).at[0, 1:-1].set(model.image_token_index)
-    px = jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.float32)
+    px = jnp.zeros((1, model.input_image_size, model.input_image_size, v.num_channels), jnp.float32)
     return LlavaModel(model).init(rng, ids, px)["params"]
 
 
@@ -210,12 +210,12 @@ def make_eval_step(spec: StateSpec, capacity: int | None):
 
 def abstract_batch(spec: StateSpec, accum: int, micro: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
     """ShapeDtypeStructs of a train batch (for ahead-of-time lowering without data)."""
-    v = spec.model.vision
+    v, side = spec.model.vision, spec.model.input_image_size
     s = shd.batch_sharding(spec.mesh, 1)
     shapes = {"input_ids": ((accum, micro, seq_len), jnp.int32), "labels": ((accum, micro, seq_len), jnp.int32),
               "attention_mask": ((accum, micro, seq_len), jnp.bool_),
               "token_types": ((accum, micro, seq_len), jnp.int32),
-              "pixel_values": ((accum, micro, v.image_size, v.image_size, v.num_channels), jnp.float32)}
+              "pixel_values": ((accum, micro, side, side, v.num_channels), jnp.float32)}
     return {k: jax.ShapeDtypeStruct(shape, dt, sharding=s) for k, (shape, dt) in shapes.items()}
 
 

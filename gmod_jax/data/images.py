@@ -46,6 +46,13 @@ class ImageConfig:
         return np.zeros((self.image_size, self.image_size, 3), np.float32)
 
 
+def image_config_for(model_config, aspect: str = "pad") -> ImageConfig:
+    """The preprocessing a model takes: CLIP statistics, square side `model_config.input_image_size`
+    (LLaVA-1.5: the CLIP's 336; LLaVA-HR: its S, e.g. 1024: the same pad-to-square on the CLIP
+    mean colour and bicubic resize as its `CLIPImageProcessor`, whose crop is then a no-op)."""
+    return ImageConfig(image_size=model_config.input_image_size, aspect=aspect)
+
+
 def load_image(source, name: str | None = None) -> Image.Image:
     """Open an image from a path, raw bytes or a PIL image as RGB; BadRecord names the file."""
     if isinstance(source, Image.Image):

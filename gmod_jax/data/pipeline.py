@@ -25,7 +25,7 @@ import numpy as np
 from gmod_jax.data import templates
 from gmod_jax.data.batching import default_buckets, pad_to_bucket
 from gmod_jax.data.errors import BadRecord, BadRecordTracker
-from gmod_jax.data.images import ImageConfig
+from gmod_jax.data.images import ImageConfig, image_config_for
 from gmod_jax.data.llava_json import LlavaJsonSource, finalize_example, record_id, tokenize_record
 from gmod_jax.data.tfds_builder import TfdsLlavaSource, stored_to_encoded
 from gmod_jax.data.tokenizer import Tokenizer
@@ -80,9 +80,9 @@ class PipelineConfig:
     @classmethod
     def for_model(cls, model_config, batch_size: int, max_length: int, **kw) -> "PipelineConfig":
         """Take image size, image token id and image_seq_length from a `gmod_jax.config.ModelConfig`."""
-        image = kw.pop("image", None) or ImageConfig(image_size=model_config.vision.image_size)
-        if image.image_size != model_config.vision.image_size:
-            raise ValueError(f"image size {image.image_size} != vision tower's {model_config.vision.image_size}")
+        image = kw.pop("image", None) or image_config_for(model_config)
+        if image.image_size != model_config.input_image_size:
+            raise ValueError(f"image size {image.image_size} != the model's input size {model_config.input_image_size}")
         return cls(batch_size=batch_size, max_length=max_length, image_token_index=model_config.image_token_index,
                    image_seq_length=model_config.image_seq_length, image=image, **kw)
 

@@ -468,7 +468,7 @@ def expand_prompt(config: ModelConfig, ids, types=None):
 def prepare_images(config: ModelConfig, pixel_values, prompts: list[np.ndarray]):
     """[B,H,W,C] float32 with a blank image for rows that have none, or None for text-only batches."""
     v = config.vision
-    shape = (v.image_size, v.image_size, v.num_channels)
+    shape = (config.input_image_size, config.input_image_size, v.num_channels)
     has_image = [bool(np.any(p == config.image_token_index)) for p in prompts]
     for row, (p, h) in enumerate(zip(prompts, has_image)):
         n = int(np.sum(p == config.image_token_index))
@@ -586,7 +586,7 @@ def generate(model, prompts: Sequence[dict], *, tokenizer=None, template: str = 
     `gmod_jax.data.tokenizer.Tokenizer` or a path; by default the checkpoint directory's.
     Returns `generate_ids`' output with `.texts` filled in.
     """
-    from gmod_jax.data.images import ImageConfig, preprocess_image
+    from gmod_jax.data.images import image_config_for, preprocess_image
     from gmod_jax.data.templates import IMAGE_TAG, render_prompt
     from gmod_jax.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -597,7 +597,7 @@ def generate(model, prompts: Sequence[dict], *, tokenizer=None, template: str = 
         tokenizer = load_tokenizer(model.path)
     elif not isinstance(tokenizer, Tokenizer):
         tokenizer = load_tokenizer(tokenizer)
-    image_config = ImageConfig(image_size=config.vision.image_size, aspect=image_aspect)
+    image_config = image_config_for(config, image_aspect)
 
     ids_list, types_list, images = [], [], []
     for i, prompt in enumerate(prompts):

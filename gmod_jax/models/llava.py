@@ -11,7 +11,13 @@ from gmod_jax import token_types as tt
 from gmod_jax.config import ModelConfig
 from gmod_jax.models.clip_vit import ClipVisionTower
 from gmod_jax.models.llama import LlamaDecoder, RoutingPlan
+from gmod_jax.models.multipath import MultiPathVisionTower
 from gmod_jax.models.projector import Projector
+
+# The one place a tower family (`config.vision.tower`) is mapped to its module. Every tower
+# takes [N, input_image_size, input_image_size, C] pixels and returns
+# [N, image_seq_length, vision.feature_dim] tokens, so nothing downstream branches on it.
+VISION_TOWER_MODULES = {"clip": ClipVisionTower, "multipath": MultiPathVisionTower}
 
 
 def merge_image_features(text_embeds, input_ids, image_features, image_token_index: int):
@@ -47,7 +53,7 @@ class LlavaModel(nn.Module):
     config: ModelConfig
 
     def setup(self):
-        self.vision = ClipVisionTower(self.config)
+        self.vision = VISION_TOWER_MODULES[self.config.vision.tower](self.config)
         self.projector = Projector(self.config)
         self.llm = LlamaDecoder(self.config)
 
