@@ -55,19 +55,27 @@ def _max_rel(ours, theirs):
     return float(np.max(np.abs(np.asarray(ours, np.float64) - theirs))) / max(1.0, float(np.max(np.abs(theirs))))
 
 
-def test_vision_features_match_torch_without_resample():
-    """S = 64, LLaVA-HR's 768: native position table, slow grid = fast grid. (The resampling
-    size, 96, is checked inside the full-model test below.)"""
-    cfg = C.tiny_hr(64)
+def _real_geometry(size):
+    """Tiny widths on LLaVA-HR's real geometry: CLIP patch 14 at native 336, ConvNeXt stride 32."""
+    return C.tiny_hr().replace(vision=C.VisionConfig(
+        hidden_size=16, intermediate_size=32, num_layers=4, num_heads=2, tower="multipath", input_image_size=size,
+        slow=C.ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))))
+
+
+@pytest.mark.parametrize("size,fast,resampled", [(768, 336, False), (1024, 448, True)])
+def test_vision_features_match_torch_at_real_sizes(size, fast, resampled):
+    """S = 768 (native 577-row position table, 24x24 grids) and S = 1024 (F = 448 through the
+    float32-coordinate bilinear, table resampled 24 -> 32, 1024 tokens), tiny widths."""
+    cfg = _real_geometry(size)
     v = cfg.vision
-    assert v.token_grid == v.image_size // v.patch_size == v.slow_grid
+    assert v.fast_image_size == fast and (v.token_grid != 24) == resampled and v.slow_grid == v.token_grid
     tower = _reference_tower(cfg)
-    x = _pixels(cfg)
+    x = _pixels(cfg, batch=1)
     with torch.no_grad():
         theirs = tower(torch.tensor(x)).numpy()
     params = hr.multipath_params(tower, cfg)
     ours = jax.jit(lambda p, px: mp.multipath_features(cfg, p, px))(params, jnp.asarray(x.transpose(0, 2, 3, 1)))
-    assert ours.shape == theirs.shape == (2, cfg.image_seq_length, v.hidden_size)
+    assert ours.shape == theirs.shape == (1, cfg.image_seq_length, v.hidden_size)
     assert _max_rel(ours, theirs) <= FEATURE_TOL
 
 
@@ -298,3 +306,30 @@ def test_every_vision_leaf_has_logical_axes():
         name = path_str(path)
         assert any(re.search(pattern, name) for pattern, _ in PARAM_AXES), name
         param_logical_axes(name, leaf.ndim)
+
+
+# ----------------------------------------------------------------------------------------------
+# preprocessing
+
+
+def test_preprocessing_pads_and_resizes_to_the_input_size():
+    """A non-square image: pad to square on (122, 116, 104), PIL bicubic to S, /255, CLIP
+    normalisation, channels last; the data pipeline takes the same settings from the config."""
+    from PIL import Image
+
+    from gmod_jax.data.images import image_config_for, preprocess_image
+    from gmod_jax.data.pipeline import PipelineConfig
+
+    cfg = C.tiny_hr()
+    pixels = np.random.default_rng(4).integers(0, 256, (30, 50, 3), dtype=np.uint8)  # H 30, W 50
+    canvas = Image.new("RGB", (50, 50), (122, 116, 104))
+    canvas.paste(Image.fromarray(pixels), (0, 10))
+    ref = np.asarray(canvas.resize((96, 96), Image.Resampling.BICUBIC), np.float64) / 255
+    ref = ((ref.astype(np.float32) - np.float32([0.48145466, 0.4578275, 0.40821073]))
+           / np.float32([0.26862954, 0.26130258, 0.27577711]))
+    got = preprocess_image(Image.fromarray(pixels), image_config_for(cfg))
+    assert got.shape == (96, 96, 3)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+    assert image_config_for(C.llava_hr_7b()).image_size == 1024 and image_config_for(C.tiny()).image_size == 28
+    pipe = PipelineConfig.for_model(cfg, batch_size=1, max_length=64)
+    assert (pipe.image.image_size, pipe.image_seq_length) == (96, 36)

@@ -218,12 +218,13 @@ def multipath_features(config: ModelConfig, p, pixel_values):
     y = patches.reshape(b, -1, v.hidden_size) + position_table(config, p["pos_embed"]).astype(dtype)[None]
     y = layer_norm(y, p["pre_ln"]["scale"], p["pre_ln"]["bias"], v.layer_norm_eps)
 
-    slow = convnext_stages(v.slow, p["slow"], x, dtype)[-1]
+    remat = lambda fn: _remat(fn, config.remat)  # noqa: E731
+    slow = convnext_stages(v.slow, p["slow"], x, dtype, remat)[-1]
 
     def step(h, layer_params):
         return encoder_layer(config, layer_params, h), None
 
-    step = _remat(step, config.remat)
+    step = remat(step)
     groups = jax.tree.map(lambda a: a.reshape(4, a.shape[0] // 4, *a.shape[1:]), p["layers"])
     for g in range(4):
         y, _ = jax.lax.scan(step, y, jax.tree.map(lambda a: a[g], groups))
