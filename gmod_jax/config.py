@@ -108,6 +108,9 @@ class VisionConfig:
             raise ValueError(f"image_size {self.image_size} not divisible by patch_size {self.patch_size}")
         if self.tower == "multipath":
             self._check_multipath()
+        elif self.input_image_size not in (None, self.image_size):
+            raise ValueError(f"vision.input_image_size {self.input_image_size} differs from image_size "
+                             f"{self.image_size}: only the 'multipath' tower resizes its input")
 
     def _check_multipath(self):
         if self.slow is None or self.input_image_size is None:

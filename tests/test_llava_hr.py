@@ -4,8 +4,8 @@ The reference (tests/hr_fixtures.py) is transformers' `CLIPVisionModel`, a hand-
 ConvNeXt and the official fusion modules restated with their attribute names, composed as the
 official `MultiPathCLIPVisionTower.forward`; the LLM side is transformers' `LlamaForCausalLM`
 fed the reference image features. Every weight is random (adapter projections non-zero). The
-tiny geometry keeps LLaVA-HR's branches: S = 64 is its 768 (no position resample, equal grids),
-96 its 1024 (4 -> 6 resample), 32 its stage-1 384 (slow grid 2 upsampled to 4).
+tower is checked at LLaVA-HR's real geometry (S = 768 and 1024) with tiny widths, the whole
+model on `tiny_hr` (S = 96: a 4 -> 6 position resample, 36 image tokens).
 """
 
 from __future__ import annotations
@@ -234,6 +234,8 @@ def test_preset_geometry_and_mod_layers():
 def test_bad_multipath_config_is_named(change, match):
     with pytest.raises(ValueError, match=match):
         dataclasses.replace(C.tiny_hr().vision, **change)
+    with pytest.raises(ValueError, match="only the 'multipath' tower"):
+        dataclasses.replace(C.tiny_hr().vision, tower="clip")
 
 
 # ----------------------------------------------------------------------------------------------
