@@ -55,21 +55,22 @@ def _max_rel(ours, theirs):
     return float(np.max(np.abs(np.asarray(ours, np.float64) - theirs))) / max(1.0, float(np.max(np.abs(theirs))))
 
 
-def _real_geometry(size):
+def _real_geometry(size, adapters=True):
     """Tiny widths on LLaVA-HR's real geometry: CLIP patch 14 at native 336, ConvNeXt stride 32."""
     return C.tiny_hr().replace(vision=C.VisionConfig(
         hidden_size=16, intermediate_size=32, num_layers=4, num_heads=2, tower="multipath", input_image_size=size,
-        slow=C.ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))))
+        slow=C.ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)), latent_adapters=adapters))
 
 
-@pytest.mark.parametrize("size,fast,resampled", [(768, 336, False), (1024, 448, True)])
-def test_vision_features_match_torch_at_real_sizes(size, fast, resampled):
-    """S = 768 (native 577-row position table, 24x24 grids) and S = 1024 (F = 448 through the
-    float32-coordinate bilinear, table resampled 24 -> 32, 1024 tokens), tiny widths."""
-    cfg = _real_geometry(size)
+@pytest.mark.parametrize("size,fast,resampled,adapters", [(768, 336, False, False), (1024, 448, True, True)])
+def test_vision_features_match_torch_at_real_sizes(size, fast, resampled, adapters):
+    """S = 768 (native 577-row position table, 24x24 grids; here without the latent adapters,
+    as LLaVA-HR's stage 1 builds it) and S = 1024 (F = 448 through the float32-coordinate
+    bilinear, table resampled 24 -> 32, 1024 tokens), tiny widths."""
+    cfg = _real_geometry(size, adapters)
     v = cfg.vision
     assert v.fast_image_size == fast and (v.token_grid != 24) == resampled and v.slow_grid == v.token_grid
-    tower = _reference_tower(cfg)
+    tower = _reference_tower(cfg, adapters=adapters)
     x = _pixels(cfg, batch=1)
     with torch.no_grad():
         theirs = tower(torch.tensor(x)).numpy()
@@ -96,7 +97,7 @@ def test_fusion_modules_match_torch_in_every_alignment_branch():
     p = {}
     for path, key, kind in mp.MULTIPATH_LEAVES:
         hr._set(p, path, hr.to_flax(kind, sd[key.format(a=0)]))
-    fresh = jax.tree.map(lambda a: a[1], mp.init_adapters(jax.random.PRNGKey(0), d, c))
+    fresh = jax.jit(lambda rng: jax.tree.map(lambda a: a[1], mp.init_adapters(rng, d, c)))(jax.random.key(0, impl="rbg"))
     assert float(jnp.abs(fresh["slow_conv"]["kernel"]).max()) > 0 and float(jnp.abs(fresh["gate"]["fc2"]["kernel"]).max()) > 0
     y = rng.standard_normal((2, grid * grid, d)).astype(np.float32)
     slows = [rng.standard_normal((2, c, side, side)).astype(np.float32) for side in (4, 2, 8)]
