@@ -61,8 +61,8 @@ def init_convnext(config: ConvNeXtConfig, rng, in_channels: int, dtype=jnp.float
     def ln(dim):
         return {"scale": jnp.ones((dim,), dtype), "bias": jnp.zeros((dim,), dtype)}
 
-    params = {"stem": {"conv": {"kernel": normal(next(keys), (c.patch_size, c.patch_size, in_channels, c.dims[0]), dtype),
-                                "bias": jnp.zeros((c.dims[0],), dtype)},
+    stem_shape = (c.patch_size, c.patch_size, in_channels, c.dims[0])
+    params = {"stem": {"conv": {"kernel": normal(next(keys), stem_shape, dtype), "bias": jnp.zeros((c.dims[0],), dtype)},
                        "norm": ln(c.dims[0])}}
     for i, (depth, dim) in enumerate(zip(c.depths, c.dims)):
         stage = {}

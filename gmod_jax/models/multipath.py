@@ -21,7 +21,6 @@ checkpoint round-trips); the new leaves are listed with their PyTorch names in
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,12 +76,13 @@ def init_adapters(rng, d: int, c: int, dtype=jnp.float32) -> dict:
                 "bias": jax.random.uniform(kb, (n, fan_out), dtype, -bound, bound)}
 
     zeros = lambda *shape: jnp.zeros((n, *shape), dtype)  # noqa: E731
+    dw_bound = (6 / (k * k * (1 + d))) ** 0.5
     return {
         "slow_conv": {"kernel": xavier(in_axis=-2, out_axis=-1, batch_axis=0)(r[0], (n, c, c), dtype),
                       "bias": zeros(c)},
         "slow_proj": {"kernel": zeros(c, d), "bias": zeros(d)},
         # depthwise [k, k, 1, d]: torch's xavier on [d, 1, k, k] has fan_in k·k, fan_out d·k·k
-        "fast_conv": {"kernel": jax.random.uniform(r[1], (n, k, k, 1, d), dtype, -1, 1) * (6 / (k * k * (1 + d))) ** 0.5,
+        "fast_conv": {"kernel": jax.random.uniform(r[1], (n, k, k, 1, d), dtype, -1, 1) * dw_bound,
                       "bias": zeros(d)},
         "fast_proj": {"kernel": zeros(d, d), "bias": zeros(d)},
         "gate": {"fc1": torch_linear(r[2], 2 * d, d // 2), "fc2": torch_linear(r[3], d // 2, 1)},
