@@ -33,11 +33,11 @@ LOGIT_TOL = 1e-4
 
 def _reference_tower(cfg, seed=0, adapters=True):
     v = cfg.vision
+    torch.manual_seed(seed)  # CLIP's own init, then perturbed
     clip = CLIPVisionModel(CLIPVisionConfig(
         hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
         num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
         hidden_act=v.hidden_act, layer_norm_eps=v.layer_norm_eps, attn_implementation="eager"))
-    torch.manual_seed(seed)
     hr.perturb_(clip, seed)
     slow = hr.randomize_(hr.ConvNeXtTrunk(v.slow), seed + 1)
     tower = hr.MultiPathTower(clip, slow, v.input_image_size, v.fast_image_size, adapters)
