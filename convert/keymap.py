@@ -58,7 +58,7 @@ class Target:
 
     path: tuple[str, ...]
     layer: int | None
-    kind: str  # copy | linear | heads_in | heads_out | head_bias | conv
+    kind: str  # copy | linear | heads_in | heads_out | head_bias | conv | conv1x1
     torch_shape: tuple[int, ...]
     heads: int = 0
     head_dim: int = 0
@@ -77,6 +77,8 @@ class Target:
             return a.reshape(self.heads, self.head_dim)
         if self.kind == "conv":  # OIHW -> HWIO
             return a.transpose(2, 3, 1, 0)
+        if self.kind == "conv1x1":  # [O, I, 1, 1] -> [I, O]
+            return a[:, :, 0, 0].T
         raise AssertionError(self.kind)
 
     def to_torch(self, a: np.ndarray) -> np.ndarray:
@@ -92,6 +94,8 @@ class Target:
             out = a.reshape(-1)
         elif self.kind == "conv":
             out = a.transpose(3, 2, 0, 1)
+        elif self.kind == "conv1x1":
+            out = a.T[:, :, None, None]
         else:
             raise AssertionError(self.kind)
         return np.ascontiguousarray(out)

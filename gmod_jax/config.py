@@ -192,12 +192,21 @@ class ConvNeXtConfig:
         return self.dims[-1]
 
 
-VISION_TOWERS = ("clip", "mgm")
+# "clip": LLaVA-1.5 (the CLIP ViT alone); "multipath": LLaVA-HR (CLIP fast path + ConvNeXt slow
+# path + MR-adapters, see models/multipath.py); "mgm": Mini-Gemini (CLIP on tiles + global view,
+# ConvNeXt aux tower, patch info mining, see models/mgm.py).
+VISION_TOWERS = ("clip", "multipath", "mgm")
 
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """CLIP ViT tower (HF `CLIPVisionConfig` field meanings)."""
+    """Vision tower. The CLIP ViT fields have HF `CLIPVisionConfig` meanings (`image_size` is the
+    CLIP's native size: its position table has `num_patches + 1` rows).
+
+    `tower="multipath"` is LLaVA-HR: the model takes `input_image_size` (S) pixels; the CLIP runs
+    on them resized to `fast_image_size` = max(int(S / slow.stride · patch_size), image_size)
+    (LLaVA-HR's max(int(S/32·14), 336)), the ConvNeXt `slow` trunk on S itself. `feature_layer`
+    and `feature_strategy` are ignored there (all layers, CLS dropped, as the official code)."""
 
     hidden_size: int = 1024
     intermediate_size: int = 4096
@@ -212,9 +221,13 @@ class VisionConfig:
     # index into hidden_states, where 0 is the pre-layernorm output and i the i-th layer output).
     feature_layer: int | tuple[int, ...] = -2
     feature_strategy: str = "default"  # "default" drops CLS, "full" keeps it
-    # Which tower `LlavaModel` builds: "clip" (LLaVA-1.5: the CLIP ViT above).
+    # Which tower `LlavaModel` builds (VISION_TOWERS).
     tower: str = "clip"
     slow: ConvNeXtConfig | None = None  # ConvNeXt trunk of a multi-path tower (LLaVA-HR)
+    input_image_size: int | None = None  # multipath: S, the model's pixel input side
+    # multipath: the three MR-adapters after each quarter of the CLIP layers exist (LLaVA-HR's
+    # `freeze_vision: false`; its stage 1 trains without them).
+    latent_adapters: bool = True
     # Mini-Gemini (tower "mgm"): the CLIP ViT above is the main tower, run on image_grid² tiles
     # of the image resized to image_size·image_grid (plus a global view with image_global); `aux`
     # is the auxiliary ConvNeXt trunk (open_clip convnext_large_d_320) run on the whole image at
@@ -238,6 +251,8 @@ class VisionConfig:
         f.string("hidden_act")
         f.choice("feature_strategy", ("default", "full"))
         f.choice("tower", VISION_TOWERS)
+        f.int("input_image_size", optional=True)
+        f.bool("latent_adapters")
         f.int("image_size_aux", lo=0)
         f.int("image_grid")
         f.bool("image_global")
@@ -257,6 +272,11 @@ class VisionConfig:
         if sizes and self.image_size % self.patch_size:
             f.problems.append(f"vision.image_size {self.image_size} not divisible by vision.patch_size {self.patch_size}")
         f.raise_if_any()
+        if self.tower == "multipath":
+            self._check_multipath()
+        elif self.input_image_size not in (None, self.image_size):
+            raise ConfigError([f"vision.input_image_size {self.input_image_size} differs from image_size "
+                               f"{self.image_size}: only the 'multipath' tower resizes its input"])
         if self.tower == "mgm":
             self._check_mgm()
 
@@ -279,6 +299,49 @@ class VisionConfig:
             raise ValueError(f"vision.image_size_aux {self.image_size_aux}: the aux map side {view} must split into "
                              f"image_grid {self.image_grid} views of a multiple of the CLIP grid {side}")
 
+    def _check_multipath(self):
+        if self.slow is None or self.input_image_size is None:
+            raise ValueError("vision tower 'multipath' needs vision.slow (a ConvNeXt config) and "
+                             "vision.input_image_size")
+        if self.num_layers % 4:
+            raise ValueError(f"vision tower 'multipath' runs the CLIP layers in 4 groups: num_layers "
+                             f"{self.num_layers} is not a multiple of 4")
+        s, stride = self.input_image_size, self.slow.stride
+        if s <= 0 or s % stride:
+            raise ValueError(f"vision.input_image_size {s} must be a positive multiple of the ConvNeXt "
+                             f"stride {stride}")
+        if self.fast_image_size % self.patch_size:
+            raise ValueError(f"vision.input_image_size {s} gives a fast-path size {self.fast_image_size} "
+                             f"that is not a multiple of patch_size {self.patch_size}")
+        fast, slow = self.num_image_tokens, self.slow_grid ** 2
+        if fast % slow and slow % fast:
+            raise ValueError(f"vision.input_image_size {s}: slow grid {self.slow_grid}² and fast grid "
+                             f"{self.token_grid}² token counts do not divide one another")
+
+    @property
+    def fast_image_size(self) -> int:
+        """Side the CLIP sees: its native `image_size`, or LLaVA-HR's resized fast input."""
+        if self.tower != "multipath":
+            return self.image_size
+        return max(int(self.input_image_size / self.slow.stride * self.patch_size), self.image_size)
+
+    @property
+    def token_grid(self) -> int:
+        """Side of the (square, row-major) image-token grid: the CLIP patch grid of the input the
+        CLIP sees."""
+        return self.fast_image_size // self.patch_size
+
+    @property
+    def slow_grid(self) -> int:
+        return self.input_image_size // self.slow.stride
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the tower's output tokens (the projector's input)."""
+        if self.tower == "multipath":
+            return self.hidden_size
+        return self.hidden_size * len(self.feature_layers)
+
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
@@ -299,12 +362,17 @@ class VisionConfig:
 
     @property
     def num_image_tokens(self) -> int:
+        if self.tower == "multipath":
+            return self.token_grid ** 2
         return self.num_views * self.num_patches + (1 if self.feature_strategy == "full" else 0)
 
     @property
     def pixel_size(self) -> int:
-        """Side of the model's pixel input: image_size_aux for Mini-Gemini, else image_size."""
-        return self.image_size_aux if self.tower == "mgm" else self.image_size
+        """Side of the model's square pixel input (what preprocessing produces): Mini-Gemini's
+        image_size_aux, LLaVA-HR's input_image_size, else the CLIP's image_size."""
+        if self.tower == "mgm":
+            return self.image_size_aux
+        return self.input_image_size if self.tower == "multipath" else self.image_size
 
     @property
     def mm_hidden_size_aux(self) -> int:
@@ -574,6 +642,7 @@ class ModelConfig:
 
     @property
     def image_seq_length(self) -> int:
+        """Image tokens one image contributes to the LLM sequence."""
         return self.vision.num_image_tokens
 
     @property
@@ -750,4 +819,42 @@ def tiny(**kw) -> ModelConfig:
                          num_heads=4, num_kv_heads=4, max_position_embeddings=512),
         image_token_index=127, pad_token_id=0,
     )
+    return cfg.replace(**kw) if kw else cfg
+
+
+# LLaVA-HR keeps original LLaVA's placeholder: id -200 (llava/constants.py IMAGE_TOKEN_INDEX),
+# outside the 32000-token Vicuna vocabulary, as converted original-layout checkpoints get it.
+LLAVA_HR_IMAGE_TOKEN_INDEX = -200
+
+
+def llava_hr_7b(input_image_size: int = 1024, **mod_kw) -> ModelConfig:
+    """LLaVA-HR-7B (Vicuna-7B-v1.5 + CLIP-L/336 fast path + ConvNeXt-L `convnext_large_mlp` slow
+    path with MR-adapters, mlp2x_gelu) at S = `input_image_size` (1024: 1024 image tokens;
+    384 is its stage 1, 768 and 1536 the paper's other sizes)."""
+    return ModelConfig(
+        vision=VisionConfig(tower="multipath", slow=ConvNeXtConfig(), input_image_size=input_image_size),
+        projector=ProjectorConfig(),
+        text=LlamaConfig(vocab_size=32000, rms_norm_eps=1e-5, max_position_embeddings=4096),
+        image_token_index=LLAVA_HR_IMAGE_TOKEN_INDEX, pad_token_id=0,
+        mod=MoDConfig(**mod_kw) if mod_kw else MoDConfig(),
+    )
+
+
+def llava_hr_13b(input_image_size: int = 1024, **mod_kw) -> ModelConfig:
+    """LLaVA-HR-13B: as `llava_hr_7b` with Vicuna-13B-v1.5."""
+    base = llava_hr_7b(input_image_size, **mod_kw)
+    return base.replace(text=dataclasses.replace(base.text, hidden_size=5120, intermediate_size=13824,
+                                                 num_layers=40, num_heads=40, num_kv_heads=40))
+
+
+def tiny_hr(input_image_size: int = 96, **kw) -> ModelConfig:
+    """A CPU-sized LLaVA-HR with the 7B code paths. The CLIP (4 layers, patch 4, native 16 px: a
+    4x4 grid) and the ConvNeXt (4 stages, stride 16) keep LLaVA-HR's geometry ratios: S = 64
+    is its 768 (fast grid = native grid = slow grid), the default 96 its 1024 (position table
+    resampled 4 -> 6, 36 image tokens), 32 its stage-1 384 (slow grid 2 upsampled to 4)."""
+    base = tiny()
+    cfg = base.replace(
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, image_size=16,
+                            patch_size=4, tower="multipath", input_image_size=input_image_size,
+                            slow=ConvNeXtConfig(depths=(1, 1, 2, 1), dims=(8, 16, 24, 40), patch_size=2)))
     return cfg.replace(**kw) if kw else cfg

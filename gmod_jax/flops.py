@@ -162,7 +162,7 @@ def vision_flops(config: ModelConfig, images: int, attention: str = "blocked") -
 
 
 def projector_flops(config: ModelConfig, images: int) -> float:
-    d_in = config.vision.hidden_size * len(config.vision.feature_layers)
+    d_in = config.vision.feature_dim
     d = config.text.hidden_size
     per_token = d_in * d + (config.projector.depth - 1) * d * d
     return 2.0 * images * config.image_seq_length * per_token

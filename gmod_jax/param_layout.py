@@ -32,6 +32,7 @@ TRANSFORMS = {
     "heads_out": "`.T.reshape(heads, head_dim, out)`",
     "head_bias": "`.reshape(heads, head_dim)`",
     "conv": "OIHW → HWIO `.transpose(2, 3, 1, 0)`",
+    "conv1x1": "1x1 conv [O, I, 1, 1] → `[:, :, 0, 0].T`",
 }
 
 Shape = Callable[[ModelConfig], tuple[int, ...]]
@@ -216,6 +217,54 @@ def convnext_rows(path: str, torch_prefix: str, trunk: Callable[[ModelConfig], C
     return rows
 
 
+def _multipath_rows() -> list[Row]:
+    """LLaVA-HR's multi-path tower beyond its CLIP fast path: the ConvNeXt slow trunk (LLaVA-HR's
+    vendored timm copy names the layer scale `weight`), the three MR-adapters (stacked; official
+    `S2FStitchAlignModuleV2`, 1x1 convs as matrices) and the final fusion (`MultiPathAlignModule`).
+    PyTorch names are the official ones under `model.` (`vision_tower.slow_vision_tower...`,
+    `vision_tower.align_stages_latent.N.*`, `vision_tower.align_stages.0.*`)."""
+    hr = lambda c: c.vision.tower == "multipath"  # noqa: E731
+    adapters = lambda c: hr(c) and c.vision.latent_adapters  # noqa: E731
+    n_adapters = lambda c, i: 3  # noqa: E731  (after the first three quarters of the CLIP layers)
+    d = lambda c: c.vision.hidden_size  # noqa: E731
+    w = lambda c: c.vision.slow.width  # noqa: E731
+    k = 7  # the adapters' depthwise conv
+    rows = convnext_rows("vision/slow", "vision_tower.slow_vision_tower.vision_tower.", lambda c: c.vision.slow, hr,
+                         "weight")
+    a = "vision_tower.align_stages_latent.{n}."
+    for name, n_in, n_out in (("slow_conv", w, w), ("slow_proj", w, d), ("fast_proj", d, d)):
+        rows += [
+            Row(f"vision/adapters/{name}/kernel", ("layers", None, "embed"), lambda c, f=n_in, g=n_out: (3, f(c), g(c)),
+                f"{a}{name}.weight", lambda c, f=n_in, g=n_out: (g(c), f(c), 1, 1), "conv1x1", stack=n_adapters,
+                present=adapters),
+            Row(f"vision/adapters/{name}/bias", ("layers", "norm"), lambda c, g=n_out: (3, g(c)), f"{a}{name}.bias",
+                lambda c, g=n_out: (g(c),), stack=n_adapters, present=adapters),
+        ]
+    rows += [
+        Row("vision/adapters/fast_conv/kernel", ("layers", None, None, None, "embed"), lambda c: (3, k, k, 1, d(c)),
+            a + "fast_conv.weight", lambda c: (d(c), 1, k, k), "conv", stack=n_adapters, present=adapters),
+        Row("vision/adapters/fast_conv/bias", ("layers", "norm"), lambda c: (3, d(c)), a + "fast_conv.bias",
+            lambda c: (d(c),), stack=n_adapters, present=adapters),
+        Row("vision/adapters/gate/fc1/kernel", ("layers", "embed", None), lambda c: (3, 2 * d(c), d(c) // 2),
+            a + "gate.0.weight", lambda c: (d(c) // 2, 2 * d(c)), "linear", stack=n_adapters, present=adapters),
+        Row("vision/adapters/gate/fc1/bias", ("layers", "norm"), lambda c: (3, d(c) // 2), a + "gate.0.bias",
+            lambda c: (d(c) // 2,), stack=n_adapters, present=adapters),
+        Row("vision/adapters/gate/fc2/kernel", ("layers", None, None), lambda c: (3, d(c) // 2, 1),
+            a + "gate.2.weight", lambda c: (1, d(c) // 2), "linear", stack=n_adapters, present=adapters),
+        Row("vision/adapters/gate/fc2/bias", ("layers", "norm"), lambda c: (3, 1), a + "gate.2.bias",
+            lambda c: (1,), stack=n_adapters, present=adapters),
+    ]
+    f = "vision_tower.align_stages.0."
+    for name, n_in in (("fast_proj", d), ("slow_proj", w)):
+        rows += [
+            Row(f"vision/fusion/{name}/kernel", (None, "embed"), lambda c, g=n_in: (g(c), d(c)), f"{f}{name}.weight",
+                lambda c, g=n_in: (d(c), g(c)), "linear", present=hr),
+            Row(f"vision/fusion/{name}/bias", None, lambda c: (d(c),), f"{f}{name}.bias", lambda c: (d(c),),
+                present=hr),
+        ]
+    return rows
+
+
 def _mgm_rows() -> list[Row]:
     """Mini-Gemini's auxiliary ConvNeXt trunk (open_clip names, `gamma` layer scale) and the
     patch-info-mining projectors (LayerNorm + Linear: query on CLIP width, key/value on the aux
@@ -242,7 +291,7 @@ def _mgm_rows() -> list[Row]:
 
 def _projector_rows() -> list[Row]:
     d = lambda c: c.text.hidden_size  # noqa: E731
-    d_in = lambda c: c.vision.hidden_size * len(c.vision.feature_layers)  # noqa: E731
+    d_in = lambda c: c.vision.feature_dim  # noqa: E731
     depth = lambda c: range(1, c.projector.depth + 1)  # noqa: E731
     return [
         # Megatron pairs: the first linear column-parallel, the next ones row-parallel.
@@ -308,7 +357,8 @@ def _llm_rows() -> list[Row]:
     return rows
 
 
-ROWS: tuple[Row, ...] = tuple(_vision_rows() + _mgm_rows() + _projector_rows() + _llm_rows())
+ROWS: tuple[Row, ...] = tuple(_vision_rows() + _multipath_rows() + _mgm_rows() + _projector_rows()
+                              + _llm_rows())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -113,7 +113,7 @@ def skip_rates_by_type(kept: np.ndarray, token_types: np.ndarray, types=PLOT_TYP
 def image_patch_grid(config: ModelConfig, kept_row: np.ndarray, types_row: np.ndarray) -> np.ndarray:
     """bool [n_mod, g, g]: per MoD layer, whether each image patch (raster order) was kept."""
     v = config.vision
-    g = v.image_size // v.patch_size
+    g = v.token_grid
     image_pos = np.flatnonzero(types_row == tt.IMAGE)
     if image_pos.size != config.image_seq_length:
         raise ValueError(f"expected {config.image_seq_length} image tokens, found {image_pos.size}")
@@ -217,12 +217,12 @@ def _generate_answer(model, tokenizer, image_path, prompt, template, aspect, max
 def encode_example(model: Model, tokenizer, image_path, prompt: str, *, answer: str | None = None,
                    max_new_tokens: int = 0, template: str = "vicuna_v1", aspect: str = "pad"):
     """(ids [T], token types [T], pixel values [H,W,C], note) for one image + prompt (+ answer)."""
-    from gmod_jax.data.images import ImageConfig, preprocess_image
+    from gmod_jax.data.images import image_config_for, preprocess_image
     from gmod_jax.data.templates import IMAGE_TAG, render_conversation, render_prompt
     from gmod_jax.data.tokenizer import EncodedText, expand_image_placeholder
 
     config = model.config
-    pixels = preprocess_image(image_path, ImageConfig(image_size=config.vision.image_size, aspect=aspect))
+    pixels = preprocess_image(image_path, image_config_for(config, aspect))
     text = prompt if IMAGE_TAG in prompt else IMAGE_TAG + "\n" + prompt
     note = None
     if answer is not None:

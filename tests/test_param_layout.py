@@ -36,6 +36,10 @@ CONFIGS = {
     "LLaVA-1.5-7B γ-MoD": C.gamma_mod(C.llava_v15_7b()),
     "LLaVA-1.5-13B": C.llava_v15_13b(),
     "tiny Mini-Gemini (grid 2 + global)": C.tiny_mgm(),
+    "tiny LLaVA-HR": C.tiny_hr(),
+    "LLaVA-HR stage 1 (no adapters), S=384": C.llava_hr_7b(384).replace(
+        vision=dataclasses.replace(C.llava_hr_7b(384).vision, latent_adapters=False)),
+    "LLaVA-HR-13B γ-MoD": C.gamma_mod(C.llava_hr_13b()),
     "Mini-Gemini-HD-7B γ-MoD": C.gamma_mod_mgm_hd_7b(),
 }
 
@@ -82,3 +86,21 @@ def test_converter_expected_keys_cover_every_leaf_with_matching_shapes(name):
 def test_docs_param_layout_is_generated_and_current():
     assert (ROOT / "docs" / "param_layout.md").read_text() == param_layout.markdown(), (
         "docs/param_layout.md is stale: run `python -m gmod_jax.param_layout > docs/param_layout.md`")
+
+
+def test_tower_leaf_tables_agree_with_the_layout():
+    """The ConvNeXt and multi-path modules' (path, PyTorch key, transform) tables name exactly the
+    leaves, keys and transforms the layout declares for LLaVA-HR."""
+    from gmod_jax.models.convnext import CONVNEXT_LEAVES
+    from gmod_jax.models.multipath import MULTIPATH_LEAVES
+
+    declared = {}
+    for leaf in param_layout.leaves(C.tiny_hr()):
+        if leaf.path.startswith(("vision/slow/", "vision/adapters/", "vision/fusion/")):
+            row = leaf.row
+            path = row.path.replace("vision/slow/", "").replace("vision/", "")
+            key = row.torch_key.replace("vision_tower.slow_vision_tower.vision_tower.", "").replace("vision_tower.", "")
+            key = key.replace("{n}", "{b}" if path.startswith("stages_") else "{a}")
+            declared[path] = (key.replace(".weight", ".gamma") if path.endswith("layer_scale") else key, row.transform)
+    tables = {path: (key, kind) for path, key, kind in CONVNEXT_LEAVES + MULTIPATH_LEAVES}
+    assert tables == declared

@@ -63,7 +63,7 @@ def calibration_prompts(records, num_samples: int) -> list[dict]:
 
 def analyse(model, prompts, image_root, batch_size: int = 1, progress: bool = True) -> np.ndarray:
     """Per-sample, per-layer, per-head ARank [N, L, H] for the prompts."""
-    from gmod_jax.data.images import ImageConfig
+    from gmod_jax.data.images import image_config_for
     from gmod_jax.data.llava_json import encode_prompt
     from gmod_jax.data.tokenizer import load_tokenizer
 
@@ -71,7 +71,7 @@ def analyse(model, prompts, image_root, batch_size: int = 1, progress: bool = Tr
         raise ValueError("the model handle has no checkpoint path to load the tokenizer from")
     tokenizer = load_tokenizer(model.path)
     cfg = model.config
-    image_cfg = ImageConfig(image_size=cfg.vision.image_size)
+    image_cfg = image_config_for(cfg)
     fn = _ranks_fn(cfg)
     out = []
     iterator = range(0, len(prompts), batch_size)

@@ -87,8 +87,7 @@ def make_inputs(config: BenchConfig, batch: int) -> dict[str, np.ndarray]:
     answer = np.zeros((batch, t), bool)
     if config.answer_tokens:
         answer[:, t - min(config.answer_tokens, config.question_tokens):] = True
-    v = cfg.vision
-    px = rng.standard_normal((batch, v.image_size, v.image_size, v.num_channels)).astype(np.float32)
+    px = rng.standard_normal((batch, *cfg.pixel_shape)).astype(np.float32)
     return {"ids": ids, "px": px, "mask": np.ones((batch, t), bool), "types": types, "answer": answer}
 
 

@@ -47,10 +47,10 @@ class ImageConfig:
 
 
 def image_config_for(model_config, aspect: str = "pad") -> ImageConfig:
-    """The host preprocessing a `gmod_jax.config.ModelConfig` takes, in one place: the image is
-    prepared at `model_config.pixel_shape` (CLIP's image_size for LLaVA; Mini-Gemini's
-    image_size_aux, whose processor is the CLIP one at that size: the model derives its CLIP views
-    from this tensor on the device)."""
+    """The host preprocessing a `gmod_jax.config.ModelConfig` takes, in one place: CLIP statistics
+    and the pad-to-square + bicubic resize to the model's pixel input side `pixel_shape[0]` (LLaVA-1.5:
+    the CLIP's 336; LLaVA-HR: its S, e.g. 1024, as its `CLIPImageProcessor` whose crop is then a
+    no-op; Mini-Gemini: image_size_aux, from which the model derives its CLIP views on the device)."""
     return ImageConfig(image_size=model_config.pixel_shape[0], aspect=aspect)
 
 

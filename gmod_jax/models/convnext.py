@@ -61,8 +61,8 @@ def init_convnext(config: ConvNeXtConfig, rng, in_channels: int, dtype=jnp.float
     def ln(dim):
         return {"scale": jnp.ones((dim,), dtype), "bias": jnp.zeros((dim,), dtype)}
 
-    params = {"stem": {"conv": {"kernel": normal(next(keys), (c.patch_size, c.patch_size, in_channels, c.dims[0]), dtype),
-                                "bias": jnp.zeros((c.dims[0],), dtype)},
+    stem_shape = (c.patch_size, c.patch_size, in_channels, c.dims[0])
+    params = {"stem": {"conv": {"kernel": normal(next(keys), stem_shape, dtype), "bias": jnp.zeros((c.dims[0],), dtype)},
                        "norm": ln(c.dims[0])}}
     for i, (depth, dim) in enumerate(zip(c.depths, c.dims)):
         stage = {}
@@ -110,9 +110,10 @@ def convnext_block(config: ConvNeXtConfig, p, x, dtype):
     return x + h
 
 
-def convnext_stages(config: ConvNeXtConfig, params, pixels, dtype=jnp.float32) -> list:
+def convnext_stages(config: ConvNeXtConfig, params, pixels, dtype=jnp.float32, remat=None) -> list:
     """pixels [B, H, W, C_in] -> the output of every stage, [B, H/(patch·2^i), W/(patch·2^i), dims[i]]
-    for i = 0..num_stages-1 (H and W multiples of `config.stride`)."""
+    for i = 0..num_stages-1 (H and W multiples of `config.stride`). `remat` optionally wraps each
+    block (e.g. `jax.checkpoint`) to recompute its activations in the backward pass."""
     c = config
     if pixels.shape[1] % c.stride or pixels.shape[2] % c.stride:
         raise ValueError(f"ConvNeXt input {pixels.shape[1]}x{pixels.shape[2]} is not a multiple of its "
@@ -129,6 +130,6 @@ def convnext_stages(config: ConvNeXtConfig, params, pixels, dtype=jnp.float32) -
         def step(h, block_params):
             return convnext_block(c, block_params, h, dtype), None
 
-        x, _ = jax.lax.scan(step, x, stage["blocks"])
+        x, _ = jax.lax.scan(remat(step) if remat else step, x, stage["blocks"])
         outputs.append(x)
     return outputs

@@ -12,11 +12,13 @@ from gmod_jax.config import ModelConfig
 from gmod_jax.models.clip_vit import ClipVisionTower
 from gmod_jax.models.llama import LlamaDecoder, RoutingPlan
 from gmod_jax.models.mgm import MGMVisionTower
+from gmod_jax.models.multipath import MultiPathVisionTower
 from gmod_jax.models.projector import Projector
 
-# `VisionConfig.tower` -> the module `LlavaModel` builds as `vision`; each maps pixel_values
-# [N, *ModelConfig.pixel_shape] to features [N, ModelConfig.image_seq_length, D] for the projector.
-VISION_TOWERS = {"clip": ClipVisionTower, "mgm": MGMVisionTower}
+# The one place a tower family (`VisionConfig.tower`) is mapped to the module `LlavaModel` builds
+# as `vision`. Each maps pixel_values [N, *ModelConfig.pixel_shape] to features
+# [N, ModelConfig.image_seq_length, vision.feature_dim], so nothing downstream branches on it.
+VISION_TOWERS = {"clip": ClipVisionTower, "multipath": MultiPathVisionTower, "mgm": MGMVisionTower}
 
 
 def merge_image_features(text_embeds, input_ids, image_features, image_token_index: int):

@@ -18,7 +18,7 @@ class Projector(nn.Module):
     def setup(self):
         c = self.config
         pdt = DTYPES[c.param_dtype]
-        d_in = c.vision.hidden_size * len(c.vision.feature_layers)
+        d_in = c.vision.feature_dim
         d = c.text.hidden_size
 
         def init(fan_in):
