@@ -36,7 +36,7 @@ Why these sizes and choices:
   ended 4.0 points under the dense fine-tune.
 - One sequence-length bucket per stage (all batches pad to it): one compiled train step each.
 
-Measured on 2 CPU cores: see README "The embedded demo" (all four targets hold on the default
+Measured on 2 CPU cores: see docs/demo.md (all four targets hold on the default
 seed; on seed 2 γ-MoD ends 12 points under the dense fine-tune).
 """
 
