@@ -512,7 +512,8 @@ ROUTABLE_SPANS = ("token_types", "first_n")
 
 @dataclasses.dataclass(frozen=True)
 class MoDConfig:
-    """γ-MoD adaptation. Defaults reproduce the official code (see README "Faithful defaults")."""
+    """γ-MoD adaptation. Defaults reproduce the official code (the README's options table lists
+    each field's alternatives and the deviations)."""
 
     enabled: bool = False
     layers: tuple[int, ...] = ()  # MoD layer indices (resolved list; see `mod_layer_indices`)
