@@ -1,0 +1,251 @@
+"""Loop-aware FLOPs, bytes and collectives of a compiled XLA program, read from its HLO text.
+
+XLA's `compiled.cost_analysis()` counts a while loop's body once, whatever its trip count, and
+every layer stack here is a `lax.scan` (a while loop): for a 32-layer model it reports about one
+layer's work. This walks the optimized HLO instead and multiplies each computation's cost by how
+often it runs: a while body by its trip count (`known_trip_count` when XLA records it, else the
+constant bound of the loop condition `i < N`, which is how `lax.scan` lowers), a fusion or call
+by its caller's count. Loops whose bound is only known at run time (the decode loop's token
+budget) count once and are reported in `unknown_trip_loops`.
+
+What is counted, per device (the SPMD-partitioned program):
+* flops: 2 per multiply-add of every `dot` and `convolution` (the TPU compiler writes matmuls as
+  convolutions); element-wise work is not counted (XLA's own count adds it: a few percent).
+* bytes: for every instruction of a non-fused computation, its operands plus its result (XLA's
+  model of HBM traffic per fusion); tuple plumbing, parameters and constants are free.
+* collectives: all-reduce, all-gather, reduce-scatter, all-to-all, collective-permute (and their
+  async `-start` halves), executions and bytes (the larger of operands and result).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import defaultdict
+
+DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3b11fnuz": 1,
+               "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
+               "f64": 8, "c64": 8, "c128": 16}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+               "ragged-all-to-all")
+_FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "conditional", "call",
+         "after-all", "partition-id", "replica-id", "iota", "opt-barrier", "add-dependency"}
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(DTYPE_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\]")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+_NAME = re.compile(r"%([\w.\-]+)")
+
+
+def _arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+    return [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _ARRAY.findall(shape)]
+
+
+def shape_bytes(shape: str) -> float:
+    return sum(DTYPE_BYTES[dt] * math.prod(dims) for dt, dims in _arrays(shape))
+
+
+def _closing(text: str, start: int) -> int:
+    """Index just past the bracket group opening at text[start]."""
+    pairs = {"(": ")", "{": "}", "[": "]"}
+    stack = []
+    for i in range(start, len(text)):
+        c = text[i]
+        if c in pairs:
+            stack.append(pairs[c])
+        elif stack and c == stack[-1]:
+            stack.pop()
+            if not stack:
+                return i + 1
+    return len(text)
+
+
+@dataclasses.dataclass
+class _Instr:
+    name: str
+    shape: str
+    opcode: str
+    operands: list[str]
+    args: str  # the text between the opcode's parentheses
+    attrs: str
+
+
+def _parse_instruction(line: str) -> _Instr | None:
+    body = line.strip()
+    if body.startswith("ROOT "):
+        body = body[5:]
+    if " = " not in body or not body.startswith("%"):
+        return None
+    name, rest = body.split(" = ", 1)
+    rest = rest.lstrip()
+    if rest.startswith("("):
+        end = _closing(rest, 0)
+    else:
+        end = rest.find(" ")
+    shape, rest = rest[:end], rest[end:].lstrip()
+    m = re.match(r"([\w\-]+)\(", rest)
+    if not m:
+        return None
+    close = _closing(rest, m.end() - 1)
+    args = rest[m.end():close - 1]
+    return _Instr(name.lstrip("%"), shape, m.group(1), _NAME.findall(args), args, rest[close:])
+
+
+@dataclasses.dataclass
+class _Computation:
+    flops: float = 0.0
+    bytes: float = 0.0
+    collectives: dict = dataclasses.field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0]))
+    calls: list = dataclasses.field(default_factory=list)  # (callee, multiplier, counts_bytes)
+    branches: list = dataclasses.field(default_factory=list)  # conditionals: [callee, ...] per instruction
+    unknown_loops: int = 0
+
+
+@dataclasses.dataclass
+class HloCost:
+    flops: float
+    bytes_accessed: float
+    collectives: list[dict]  # {"kind", "count" (executions), "bytes" (per device, all executions)}
+    unknown_trip_loops: int
+
+    @property
+    def collective_bytes(self) -> float:
+        return sum(c["bytes"] for c in self.collectives)
+
+
+def _dims(shape: str) -> tuple[int, ...]:
+    arrays = _arrays(shape)
+    return arrays[0][1] if arrays else ()
+
+
+def _dot_flops(ins: _Instr, shapes: dict[str, str]) -> float:
+    out = math.prod(_dims(ins.shape))
+    if ins.opcode == "dot":
+        lhs = _dims(shapes.get(ins.operands[0], ""))
+        m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs)
+        contracted = [int(d) for d in m.group(1).split(",") if d] if m else []
+        return 2.0 * out * math.prod(lhs[d] for d in contracted if d < len(lhs))
+    # convolution: each output element sums over the kernel's input features and window.
+    kernel = _dims(shapes.get(ins.operands[1], ""))
+    m = re.search(r"dim_labels=\w+_(\w+)->", ins.attrs)
+    if not kernel or not m or "o" not in m.group(1):
+        return 0.0
+    return 2.0 * out * math.prod(kernel) / kernel[m.group(1).index("o")]
+
+
+def _trip_count(ins: _Instr, computations: dict[str, list[_Instr]], constants: dict[str, float]) -> int | None:
+    m = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
+    if m:
+        return int(m.group(1))
+    cond = re.search(r"condition=%([\w.\-]+)", ins.attrs)
+    for c in computations.get(cond.group(1), []) if cond else []:
+        if c.opcode == "compare" and "direction=LT" in c.attrs:
+            bounds = [constants[o] for o in c.operands if o in constants]
+            if len(bounds) == 1:
+                return int(bounds[0])
+    return None
+
+
+def analyze(hlo_text: str) -> HloCost:
+    """Loop-aware cost of an optimized HLO module (`compiled.as_text()`)."""
+    computations: dict[str, list[_Instr]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line)
+        if header and not line.startswith(" "):
+            current = header.group(2)
+            computations[current] = []
+            if header.group(1):
+                entry = current
+            continue
+        if current is not None and line.startswith(" "):
+            ins = _parse_instruction(line)
+            if ins is not None:
+                computations[current].append(ins)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    shapes = {i.name: i.shape for instrs in computations.values() for i in instrs}
+    constants = {i.name: int(i.args) for instrs in computations.values() for i in instrs
+                 if i.opcode == "constant" and re.fullmatch(r"-?\d+", i.args.strip())}
+
+    costs: dict[str, _Computation] = {}
+    for cname, instrs in computations.items():
+        c = _Computation()
+        for i in instrs:
+            if i.opcode in ("dot", "convolution"):
+                c.flops += _dot_flops(i, shapes)
+            kind = i.opcode[:-6] if i.opcode.endswith("-start") else i.opcode
+            if kind in COLLECTIVES:
+                # An async -start's result is a tuple that repeats its operands: count operands.
+                size = sum(shape_bytes(shapes.get(o, "")) for o in i.operands)
+                if not i.opcode.endswith("-start"):
+                    size = max(size, shape_bytes(i.shape))
+                c.collectives[kind][0] += 1
+                c.collectives[kind][1] += size
+            if i.opcode not in _FREE and not i.opcode.endswith("-done"):
+                c.bytes += shape_bytes(i.shape) + sum(shape_bytes(shapes.get(o, "")) for o in i.operands)
+            if i.opcode == "while":
+                trips = _trip_count(i, computations, constants)
+                if trips is None:
+                    c.unknown_loops += 1
+                for key in ("body", "condition"):
+                    m = re.search(key + r"=%([\w.\-]+)", i.attrs)
+                    if m:
+                        c.calls.append((m.group(1), trips or 1, True))
+            elif i.opcode == "conditional":
+                m = re.search(r"branch_computations=\{([^}]*)\}", i.attrs)
+                names = _NAME.findall(m.group(1)) if m else re.findall(r"(?:true|false)_computation=%([\w.\-]+)",
+                                                                       i.attrs)
+                c.branches.append(names)
+            else:
+                for key in ("calls", "to_apply"):
+                    for m in re.finditer(key + r"=%([\w.\-]+)", i.attrs):
+                        c.calls.append((m.group(1), 1, i.opcode == "call"))
+        costs[cname] = c
+
+    memo: dict[str, tuple] = {}
+
+    def total(name: str, depth: int = 0):
+        if name in memo:
+            return memo[name]
+        if depth > 200 or name not in costs:
+            return 0.0, 0.0, {}, 0
+        c = costs[name]
+        flops, nbytes, unknown = c.flops, c.bytes, c.unknown_loops
+        coll = {k: list(v) for k, v in c.collectives.items()}
+
+        def add(sub, mult, with_bytes):
+            nonlocal flops, nbytes, unknown
+            f, b, cl, u = sub
+            flops += mult * f
+            nbytes += mult * b if with_bytes else 0.0
+            unknown += u
+            for k, (n, s) in cl.items():
+                acc = coll.setdefault(k, [0.0, 0.0])
+                acc[0] += mult * n
+                acc[1] += mult * s
+
+        for callee, mult, with_bytes in c.calls:
+            add(total(callee, depth + 1), mult, with_bytes)
+        for names in c.branches:  # the costliest branch (an upper bound on what runs)
+            subs = [total(n, depth + 1) for n in names]
+            if subs:
+                add(max(subs, key=lambda s: (s[0], s[1])), 1, True)
+        memo[name] = (flops, nbytes, coll, unknown)
+        return memo[name]
+
+    flops, nbytes, coll, unknown = total(entry)
+    collectives = [{"kind": k, "count": int(round(n)), "bytes": float(s)} for k, (n, s) in sorted(coll.items())]
+    return HloCost(flops, nbytes, collectives, unknown)
+
+
+def xla_cost_analysis(compiled) -> dict:
+    """XLA's own numbers (`flops`, `bytes accessed`), loop bodies counted once; {} if unavailable."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - some executables implement none
+        return {}
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    return {k: float(v) for k, v in (analysis or {}).items() if k in ("flops", "bytes accessed")}
+
+
