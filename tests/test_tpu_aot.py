@@ -128,3 +128,34 @@ def test_tiny_gamma_mod_compiles_for_tpu(tmp_path):
     # (the skip is decided per token at run time), so its compiled FLOPs are the dense ones.
     assert programs["prefill"]["shapes"]["mod_capacity"] == programs["prefill"]["shapes"]["prompt_len"]
     assert mod["model"]["mod_layers"] == 2
+
+
+@pytest.mark.parametrize("per_row, curve", [(3.0, 0.0), (3.0, 0.02), (0.7, 0.0), (50.0, 0.0)])
+def test_find_batch_search_confirms_both_sides(monkeypatch, per_row, curve):
+    """The batch search over a fake memory model (affine, or convex so predictions overshoot):
+    the answer is the true largest fitting batch, with a compile just above it that does not fit."""
+    from train import aot
+    from train.config import load_recipe
+
+    topology = parse_topology("v5e:2x2")
+    budget = 0.95 * topology.chip.hbm_bytes
+    fixed = 2e9
+
+    def memory(b):
+        return fixed + 1e8 * (per_row * b + curve * per_row * b * b)
+
+    def fake_report(target, layout, hbm_fraction):
+        b = target  # make_target is faked to return the per-shard batch
+        total = memory(b)
+        return aot.ProgramReport("train_step", "v5e:2x2", 4, "v5e", {"total": total}, topology.chip.hbm_bytes,
+                                 hbm_fraction, total <= budget, 1.0, 1.0, [], 1.0, 0.5, 1.0, None, {}, 0,
+                                 {}, 0.0), None
+
+    monkeypatch.setattr(aot, "make_target", lambda cfg, topo, devices: cfg.global_batch)
+    monkeypatch.setattr(aot, "train_step_report", fake_report)
+    cfg = load_recipe(ROOT / "configs" / "tiny_gamma_mod.py")
+    best, tried = aot.find_batch(cfg, topology, jax.devices()[:1], aot.Layout(), 0.95)
+    truth = max(b for b in range(1, 5000) if memory(b) <= budget)
+    assert best == truth
+    assert tried[best].fits and not tried[best + 1].fits
+    assert len(tried) <= 8, sorted(tried)
