@@ -73,6 +73,22 @@ def test_hlo_cost_counts_loop_trips():
     assert dyn.unknown_trip_loops == 1 and dyn.flops == matmul  # counted once, and said so
 
 
+@pytest.mark.parametrize("window, strides, padding, lhs_dilation", [
+    ((3, 3), (1, 1), "SAME", None), ((4, 1), (2, 1), ((3, 3), (0, 0)), None), ((3, 3), (1, 1), ((1, 2), (0, 1)), (2, 2)),
+])
+def test_hlo_cost_convolution_counts_only_real_window_positions(window, strides, padding, lhs_dilation):
+    """Padded, strided and input-dilated convolutions: the walker's count equals XLA's (a
+    convolution has no element-wise work around it here), so padding is not multiplied."""
+    def conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, strides, padding, lhs_dilation=lhs_dilation,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    compiled = _compiled(conv, (2, 9, 7, 5), (*window, 5, 6))
+    walked = hlo_cost.analyze(compiled.as_text()).flops
+    assert walked == pytest.approx(hlo_cost.xla_cost_analysis(compiled)["flops"], rel=1e-6)
+    assert walked > 0
+
+
 def test_hlo_shape_bytes():
     assert hlo_cost.shape_bytes("bf16[4,8]{1,0:T(8,128)(2,1)}") == 64
     assert hlo_cost.shape_bytes("(s32[], f32[2,3]{1,0}, pred[5])") == 4 + 24 + 5

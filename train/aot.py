@@ -126,9 +126,10 @@ def _is_out_of_memory(error: Exception) -> bool:
 
 
 def compile_report(name: str, lowered_fn, topology, model_flops: float | None, shapes: dict,
-                   hbm_fraction: float) -> tuple[ProgramReport, object]:
+                   hbm_fraction: float, dump_dir: str | None = None) -> tuple[ProgramReport, object]:
     """Compile (`lowered_fn()` returns a `Lowered`) and measure; an out-of-memory compile is a
-    report with fits=False and the compiler's message, any other failure raises."""
+    report with fits=False and the compiler's message, any other failure raises. `dump_dir`
+    keeps the optimized HLO text (`<name>.hlo.txt`) for a closer look."""
     from train import hlo_cost
 
     chip = topology.chip
@@ -145,7 +146,11 @@ def compile_report(name: str, lowered_fn, topology, model_flops: float | None, s
                              time.perf_counter() - t0, error=msg), None
     compile_s = time.perf_counter() - t0
     mem = _memory(compiled)
-    cost = hlo_cost.analyze(compiled.as_text())
+    hlo = compiled.as_text()
+    if dump_dir:
+        Path(dump_dir).mkdir(parents=True, exist_ok=True)
+        (Path(dump_dir) / f"{name}.hlo.txt").write_text(hlo)
+    cost = hlo_cost.analyze(hlo)
     # The walker counts matmuls over every loop trip; XLA counts all ops but each loop body once
     # (and a matrix-vector product it rewrites as multiply + reduce). Both undercount, each in
     # its own way: the larger is the better floor.
@@ -197,7 +202,7 @@ def make_target(cfg, topology, devices=None) -> Target:
     return Target(cfg, model, topology, mesh, program)
 
 
-def train_step_report(target: Target, layout: Layout, hbm_fraction: float):
+def train_step_report(target: Target, layout: Layout, hbm_fraction: float, dump_dir: str | None = None):
     import jax
 
     from gmod_jax.api import routing_capacity
@@ -216,10 +221,11 @@ def train_step_report(target: Target, layout: Layout, hbm_fraction: float):
                 program.spec, program.accum, program.micro, seq))
 
     return compile_report(TRAIN, lower, target.topology, program.model_flops(seq, capacity), shapes,
-                          hbm_fraction)
+                          hbm_fraction, dump_dir)
 
 
-def generation_reports(target: Target, layout: Layout, hbm_fraction: float) -> list[ProgramReport]:
+def generation_reports(target: Target, layout: Layout, hbm_fraction: float,
+                       dump_dir: str | None = None) -> list[ProgramReport]:
     import jax
     import jax.numpy as jnp
 
@@ -254,7 +260,8 @@ def generation_reports(target: Target, layout: Layout, hbm_fraction: float) -> l
             return gen.prefill_jit.lower(*prefill_args, config=model, spec=spec)
 
     prefill, compiled = compile_report(PREFILL, lower_prefill, target.topology,
-                                       model_flops.prefill_flops(model, batch, t, kept).total, shapes, hbm_fraction)
+                                       model_flops.prefill_flops(model, batch, t, kept).total, shapes, hbm_fraction,
+                                       dump_dir)
     reports = [prefill]
     if compiled is None:
         return reports
@@ -271,7 +278,8 @@ def generation_reports(target: Target, layout: Layout, hbm_fraction: float) -> l
 
     # One loop iteration = one token per row (decode_flops counts new_tokens - 1 steps).
     per_token = model_flops.decode_flops(model, batch, t, 2, mod_capacity=spec.mod_capacity).total
-    reports.append(compile_report(DECODE, lower_decode, target.topology, per_token, shapes, hbm_fraction)[0])
+    reports.append(compile_report(DECODE, lower_decode, target.topology, per_token, shapes, hbm_fraction,
+                                  dump_dir)[0])
     return reports
 
 
@@ -371,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=Layout.new_tokens)
     p.add_argument("--infer-batch-per-chip", type=int, default=Layout.infer_batch_per_chip)
     p.add_argument("--json", default=None, help="write the reports here")
+    p.add_argument("--dump-hlo", default=None, metavar="DIR", help="keep each program's optimized HLO text here")
     return p
 
 
@@ -410,9 +419,10 @@ def run(args) -> dict:
                     "attention_implementation": getattr(target.model, "attention_implementation", None)}
     reports: list[ProgramReport] = []
     if TRAIN in programs:
-        reports.append(train_step_report(target, layout, args.hbm_fraction)[0])
+        reports.append(train_step_report(target, layout, args.hbm_fraction, args.dump_hlo)[0])
     if PREFILL in programs or DECODE in programs:
-        reports += [r for r in generation_reports(target, layout, args.hbm_fraction) if r.name in programs]
+        reports += [r for r in generation_reports(target, layout, args.hbm_fraction, args.dump_hlo)
+                    if r.name in programs]
     out["programs"] = [r.to_dict() for r in reports]
     out["table"] = summary_rows(reports)
     return out

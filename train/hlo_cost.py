@@ -124,12 +124,58 @@ def _dot_flops(ins: _Instr, shapes: dict[str, str]) -> float:
         m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs)
         contracted = [int(d) for d in m.group(1).split(",") if d] if m else []
         return 2.0 * out * math.prod(lhs[d] for d in contracted if d < len(lhs))
-    # convolution: each output element sums over the kernel's input features and window.
-    kernel = _dims(shapes.get(ins.operands[1], ""))
-    m = re.search(r"dim_labels=\w+_(\w+)->", ins.attrs)
-    if not kernel or not m or "o" not in m.group(1):
+    return _convolution_flops(ins, shapes)
+
+
+def _window_pairs(out: int, size: int, inp: int, stride: int, pad_lo: int, lhs_dil: int, rhs_dil: int) -> int:
+    """(output position, window position) pairs of one spatial dimension that read a real input
+    element, not padding: what a convolution multiplies along that dimension."""
+    pairs = 0
+    last = (inp - 1) * lhs_dil  # the dilated input's last real position
+    for k in range(size):
+        shift = k * rhs_dil - pad_lo  # input position = o * stride + shift
+        first_o = max(0, -(-(-shift) // stride))
+        last_o = min(out - 1, (last - shift) // stride)
+        if last_o < first_o:
+            continue
+        if lhs_dil == 1:
+            pairs += last_o - first_o + 1
+        else:
+            pairs += sum(1 for o in range(first_o, last_o + 1) if (o * stride + shift) % lhs_dil == 0)
+    return pairs
+
+
+def _window_field(window: str, key: str, n: int, default: int) -> list:
+    m = re.search(key + r"=([\d_x\-]+)", window)
+    if not m:
+        return [default] * n
+    return m.group(1).split("x")
+
+
+def _convolution_flops(ins: _Instr, shapes: dict[str, str]) -> float:
+    """2 x output batch x output features x kernel input features x, per spatial dimension, the
+    window positions that hit real input. The TPU compiler writes batched matmuls as convolutions
+    whose batch dimension is a padded window (`size=4 pad=3_3`): only one window position per
+    output then reads data, and counting the whole window would overstate the work."""
+    m = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
+    lhs, kernel, out = _dims(shapes.get(ins.operands[0], "")), _dims(shapes.get(ins.operands[1], "")), _dims(ins.shape)
+    if not m or not lhs or not kernel:
         return 0.0
-    return 2.0 * out * math.prod(kernel) / kernel[m.group(1).index("o")]
+    lhs_labels, kernel_labels, out_labels = m.groups()
+    spatial = sorted(c for c in out_labels if c.isdigit())
+    w = re.search(r"window=\{([^}]*)\}", ins.attrs)
+    window = w.group(1) if w else ""
+    n = len(spatial)
+    sizes = [int(x) for x in _window_field(window, "size", n, 1)]
+    strides = [int(x) for x in _window_field(window, "stride", n, 1)]
+    pads = [int(x.split("_")[0]) for x in _window_field(window, "pad", n, 0)] if "pad=" in window else [0] * n
+    lhs_dil = [int(x) for x in _window_field(window, "lhs_dilate", n, 1)]
+    rhs_dil = [int(x) for x in _window_field(window, "rhs_dilate", n, 1)]
+    pairs = 1
+    for i, d in enumerate(spatial):
+        pairs *= _window_pairs(out[out_labels.index(d)], sizes[i], lhs[lhs_labels.index(d)], strides[i], pads[i],
+                               lhs_dil[i], rhs_dil[i])
+    return 2.0 * out[out_labels.index("b")] * out[out_labels.index("f")] * kernel[kernel_labels.index("i")] * pairs
 
 
 def _trip_count(ins: _Instr, computations: dict[str, list[_Instr]], constants: dict[str, float]) -> int | None:

@@ -28,6 +28,7 @@ from gmod_jax import token_types as tt
 from gmod_jax.config import ModelConfig
 from gmod_jax.models.llama import RoutingPlan
 from gmod_jax.models.llava import LlavaModel
+from train import flops as flops_lib
 from train import optimizer as opt
 from train.data import IGNORE_INDEX, MODEL_KEYS
 
@@ -94,7 +95,7 @@ class TrainProgram:
     spec: StateSpec
     accum: int  # micro-batches per optimizer step
     micro: int  # rows per micro-batch (global batch / accum)
-    trainable_parts: Any  # train.flops.Trainable: which parts get gradients (for model FLOPs)
+    trainable_parts: flops_lib.Trainable  # which parts get gradients (for model FLOPs)
 
     def step(self, capacity: int | None):
         """The jitted train step for one static MoD capacity."""
@@ -102,8 +103,6 @@ class TrainProgram:
 
     def model_flops(self, seq_len: int, capacity: int | None) -> float:
         """Model FLOPs of one optimizer step (all devices), the MFU numerator."""
-        from train import flops as flops_lib
-
         return flops_lib.train_step_flops(self.spec.model, self.accum * self.micro, seq_len, capacity,
                                           self.trainable_parts)
 
@@ -123,8 +122,6 @@ def build_train_program(model: ModelConfig, optim_cfg, global_batch: int, mesh, 
     """State spec (params, optimizer, shardings), accumulation and micro-batch of a run.
 
     Raises when the micro-batch does not split over the mesh's batch shards."""
-    from train import flops as flops_lib
-
     accum = optim_cfg.grad_accum_steps
     micro = check_micro_batch(mesh, global_batch, accum)
     schedule = opt.make_schedule(optim_cfg, total_steps)
