@@ -175,3 +175,18 @@ def test_find_batch_search_confirms_both_sides(monkeypatch, per_row, curve):
     assert best == truth
     assert tried[best].fits and not tried[best + 1].fits
     assert len(tried) <= 8, sorted(tried)
+
+
+@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (requirements-dev.txt)")
+def test_multislice_mesh_puts_only_data_across_slices():
+    from gmod_jax.sharding import MeshConfig, make_mesh
+    from train.tpu_topology import compile_devices
+
+    devices = compile_devices(parse_topology("v5e:2x2", num_slices=2))
+    assert len(devices) == 8 and {d.slice_index for d in devices} == {0, 1}
+    mesh = make_mesh(MeshConfig(data=2, fsdp=-1, tensor=1), devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    for row, grid in enumerate(mesh.devices):
+        assert {d.slice_index for d in grid.flat} == {row}  # each data replica is one slice
+    with pytest.raises(ValueError, match="multiple of the slice count"):
+        make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices)
