@@ -67,11 +67,13 @@ class _Instr:
     operands: list[str]
     args: str  # the text between the opcode's parentheses
     attrs: str
+    is_root: bool = False
 
 
 def _parse_instruction(line: str) -> _Instr | None:
     body = line.strip()
-    if body.startswith("ROOT "):
+    is_root = body.startswith("ROOT ")
+    if is_root:
         body = body[5:]
     if " = " not in body or not body.startswith("%"):
         return None
@@ -87,7 +89,7 @@ def _parse_instruction(line: str) -> _Instr | None:
         return None
     close = _closing(rest, m.end() - 1)
     args = rest[m.end():close - 1]
-    return _Instr(name.lstrip("%"), shape, m.group(1), _NAME.findall(args), args, rest[close:])
+    return _Instr(name.lstrip("%"), shape, m.group(1), _NAME.findall(args), args, rest[close:], is_root)
 
 
 @dataclasses.dataclass
@@ -178,6 +180,41 @@ def _convolution_flops(ins: _Instr, shapes: dict[str, str]) -> float:
     return 2.0 * out[out_labels.index("b")] * out[out_labels.index("f")] * kernel[kernel_labels.index("i")] * pairs
 
 
+_SLICES = ("dynamic-slice", "slice", "gather")
+
+
+def _traffic(ins: _Instr, shapes: dict[str, str], computations: dict[str, list[_Instr]]) -> float:
+    """HBM bytes an unfused instruction moves: its operands and its result. For a fusion, an
+    operand read only through slices costs the slices (a scanned layer stack reads one layer per
+    iteration, not the stack), and a result written by an in-place dynamic-update-slice costs the
+    update (the rest of the buffer is untouched), as in XLA's own model."""
+    operand_bytes = [shape_bytes(shapes.get(o, "")) for o in ins.operands]
+    out_bytes = shape_bytes(ins.shape)
+    called = re.search(r"calls=%([\w.\-]+)", ins.attrs) if ins.opcode == "fusion" else None
+    body = computations.get(called.group(1), []) if called else []
+    if not body:
+        return out_bytes + sum(operand_bytes)
+    by_name = {i.name: i for i in body}
+    users: dict[str, list[_Instr]] = defaultdict(list)
+    for i in body:
+        for o in i.operands:
+            users[o].append(i)
+    for i in body:
+        if i.opcode != "parameter" or not re.fullmatch(r"\d+", i.args.strip()):
+            continue
+        k = int(i.args)
+        readers = users.get(i.name, [])
+        if k < len(operand_bytes) and readers and all(r.opcode in _SLICES and r.operands[0] == i.name
+                                                      for r in readers):
+            operand_bytes[k] = sum(shape_bytes(r.shape) for r in readers)
+    root = next((i for i in body if i.is_root), body[-1])
+    outputs = [by_name.get(o) for o in root.operands] if root.opcode == "tuple" else [root]
+    if any(o is not None and o.opcode == "dynamic-update-slice" for o in outputs):
+        out_bytes = sum(shape_bytes(shapes.get(o.operands[1], "")) if o.opcode == "dynamic-update-slice"
+                        else shape_bytes(o.shape) for o in outputs if o is not None)
+    return out_bytes + sum(operand_bytes)
+
+
 def _trip_count(ins: _Instr, computations: dict[str, list[_Instr]], constants: dict[str, float]) -> int | None:
     m = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
     if m:
@@ -228,7 +265,7 @@ def analyze(hlo_text: str) -> HloCost:
                 c.collectives[kind][0] += 1
                 c.collectives[kind][1] += size
             if i.opcode not in _FREE and not i.opcode.endswith("-done"):
-                c.bytes += shape_bytes(i.shape) + sum(shape_bytes(shapes.get(o, "")) for o in i.operands)
+                c.bytes += _traffic(i, shapes, computations)
             if i.opcode == "while":
                 trips = _trip_count(i, computations, constants)
                 if trips is None:
