@@ -215,16 +215,43 @@ def _traffic(ins: _Instr, shapes: dict[str, str], computations: dict[str, list[_
     return out_bytes + sum(operand_bytes)
 
 
-def _trip_count(ins: _Instr, computations: dict[str, list[_Instr]], constants: dict[str, float]) -> int | None:
+def _trip_count(ins: _Instr, computations: dict[str, list[_Instr]], constants: dict[str, float],
+                by_name: dict[str, _Instr]) -> int | None:
+    """Iterations of a while loop: XLA's `known_trip_count`, else from `counter < bound` in the
+    condition, the counter's start (the loop's initial tuple) and its step (the body's
+    `counter + step`; windowed collective matmuls step by 2)."""
     m = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
     if m:
         return int(m.group(1))
     cond = re.search(r"condition=%([\w.\-]+)", ins.attrs)
-    for c in computations.get(cond.group(1), []) if cond else []:
-        if c.opcode == "compare" and "direction=LT" in c.attrs:
-            bounds = [constants[o] for o in c.operands if o in constants]
-            if len(bounds) == 1:
-                return int(bounds[0])
+    body = re.search(r"body=%([\w.\-]+)", ins.attrs)
+    cond_instrs = computations.get(cond.group(1), []) if cond else []
+    cond_by_name = {c.name: c for c in cond_instrs}
+    for c in cond_instrs:
+        if c.opcode != "compare" or "direction=LT" not in c.attrs:
+            continue
+        bounds = [constants[o] for o in c.operands if o in constants]
+        counters = [cond_by_name[o] for o in c.operands if o in cond_by_name
+                    and cond_by_name[o].opcode == "get-tuple-element"]
+        if len(bounds) != 1:
+            continue
+        start, step = 0, 1
+        if counters:
+            index = int(re.search(r"index=(\d+)", counters[0].attrs).group(1))
+            init = by_name.get(ins.operands[0]) if ins.operands else None
+            if init is not None and init.opcode == "tuple" and index < len(init.operands):
+                start = constants.get(init.operands[index], 0)
+            body_instrs = computations.get(body.group(1), []) if body else []
+            root = next((i for i in body_instrs if i.is_root), None)
+            if root is not None and root.opcode == "tuple" and index < len(root.operands):
+                body_by_name = {i.name: i for i in body_instrs}
+                update = body_by_name.get(root.operands[index])
+                while update is not None and update.opcode == "copy":
+                    update = body_by_name.get(update.operands[0])
+                if update is not None and update.opcode == "add":
+                    steps = [constants[o] for o in update.operands if o in constants]
+                    step = steps[0] if len(steps) == 1 and steps[0] > 0 else 1
+        return max(0, -(-(int(bounds[0]) - start) // step))
     return None
 
 
@@ -247,6 +274,7 @@ def analyze(hlo_text: str) -> HloCost:
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
     shapes = {i.name: i.shape for instrs in computations.values() for i in instrs}
+    by_name = {i.name: i for instrs in computations.values() for i in instrs}
     constants = {i.name: int(i.args) for instrs in computations.values() for i in instrs
                  if i.opcode == "constant" and re.fullmatch(r"-?\d+", i.args.strip())}
 
@@ -267,7 +295,7 @@ def analyze(hlo_text: str) -> HloCost:
             if i.opcode not in _FREE and not i.opcode.endswith("-done"):
                 c.bytes += _traffic(i, shapes, computations)
             if i.opcode == "while":
-                trips = _trip_count(i, computations, constants)
+                trips = _trip_count(i, computations, constants, by_name)
                 if trips is None:
                     c.unknown_loops += 1
                 for key in ("body", "condition"):
