@@ -102,6 +102,7 @@ class ProgramReport:
     shapes: dict
     compile_s: float
     error: str | None = None
+    hlo_path: str | None = None  # where --dump-hlo kept the optimized HLO
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -145,16 +146,28 @@ def compile_report(name: str, lowered_fn, topology, model_flops: float | None, s
                              False, None, None, [], None, None, model_flops, None, {}, 0, shapes,
                              time.perf_counter() - t0, error=msg), None
     compile_s = time.perf_counter() - t0
-    mem = _memory(compiled)
     hlo = compiled.as_text()
+    hlo_path = None
     if dump_dir:
         Path(dump_dir).mkdir(parents=True, exist_ok=True)
-        (Path(dump_dir) / f"{name}.hlo.txt").write_text(hlo)
+        hlo_path = str(Path(dump_dir) / f"{name}.hlo.txt")
+        Path(hlo_path).write_text(hlo)
+    report = measure(name, hlo, _memory(compiled), hlo_cost.xla_cost_analysis(compiled), topology, model_flops,
+                     shapes, hbm_fraction, compile_s)
+    report.hlo_path = hlo_path
+    return report, compiled
+
+
+def measure(name: str, hlo: str, mem: dict | None, xla: dict, topology, model_flops: float | None, shapes: dict,
+            hbm_fraction: float, compile_s: float) -> ProgramReport:
+    """The report of one compiled program from its HLO text, memory and XLA cost analysis."""
+    from train import hlo_cost
+
+    chip = topology.chip
     cost = hlo_cost.analyze(hlo)
     # The walker counts matmuls over every loop trip; XLA counts all ops but each loop body once
     # (and a matrix-vector product it rewrites as multiply + reduce). Both undercount, each in
     # its own way: the larger is the better floor.
-    xla = hlo_cost.xla_cost_analysis(compiled)
     flops = max(cost.flops, xla.get("flops", 0.0))
     nbytes = max(cost.bytes_accessed, xla.get("bytes accessed", 0.0))
     step_s = max(flops / chip.peak_bf16_flops, nbytes / chip.hbm_bytes_per_s)
@@ -169,6 +182,28 @@ def compile_report(name: str, lowered_fn, topology, model_flops: float | None, s
     log.info("%s on %s: %s, %.1f GB/chip of %.1f GB, %.3g FLOPs/chip, est. %.4g s, MFU %s (compile %.0f s)",
              name, topology.describe(), "fits" if fits else "DOES NOT FIT", (mem or {}).get("total", 0) / 1e9,
              chip.hbm_bytes / 1e9, flops, step_s, f"{mfu:.1%}" if mfu else "n/a", compile_s)
+    return report
+
+
+def rescore(path: str) -> dict:
+    """Recompute a `--json` report's estimates from the HLO it kept (`--dump-hlo`), without
+    compiling again (after a change to the cost model)."""
+    from train import tpu_topology
+
+    out = json.loads(Path(path).read_text())
+    reports = []
+    for p in out["programs"]:
+        if not p.get("hlo_path"):
+            raise ValueError(f"{path}: program {p['name']} has no hlo_path (compile with --dump-hlo)")
+        topology = tpu_topology.parse_topology(p["topology"], p["chips"] // tpu_topology.parse_topology(
+            p["topology"]).chips)
+        r = measure(p["name"], Path(p["hlo_path"]).read_text(), p["per_chip_bytes"], p["xla_cost_analysis"],
+                    topology, p["model_flops"], p["shapes"], p["hbm_fraction"], p["compile_s"])
+        r.hlo_path = p["hlo_path"]
+        reports.append(r)
+    out["programs"] = [r.to_dict() for r in reports]
+    out["table"] = summary_rows(reports)
+    return out
     return report, compiled
 
 
@@ -364,8 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.aot",
                                 description="Compile a recipe's train / prefill / decode programs for a Cloud TPU "
                                             "topology (no TPU needed; requires the libtpu package).")
-    p.add_argument("--config", required=True, help="recipe file defining get_config() -> TrainConfig")
-    p.add_argument("--topology", required=True, help="e.g. v5p-64, v5e-256, v4-32, v6e-16 or v5e:2x2")
+    p.add_argument("--config", help="recipe file defining get_config() -> TrainConfig")
+    p.add_argument("--topology", help="e.g. v5p-64, v5e-256, v4-32, v6e-16 or v5e:2x2")
+    p.add_argument("--rescore", metavar="JSON", help="recompute a --json report (made with --dump-hlo) in place "
+                                                      "from its kept HLO, without compiling")
     p.add_argument("--num-slices", type=int, default=1, help="multi-slice: slices joined by DCN (data axis)")
     p.add_argument("--mesh", default=None, help="mesh preset file defining get_mesh()")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -439,7 +476,13 @@ def main(argv=None) -> int:
     from train.config import OverrideError
 
     try:
-        out = run(args)
+        if args.rescore:
+            out = rescore(args.rescore)
+            args.json = args.json or args.rescore
+        elif not (args.config and args.topology):
+            raise ValueError("--config and --topology are required (or --rescore JSON)")
+        else:
+            out = run(args)
     except (OverrideError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
