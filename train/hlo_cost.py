@@ -3,18 +3,22 @@
 XLA's `compiled.cost_analysis()` counts a while loop's body once, whatever its trip count, and
 every layer stack here is a `lax.scan` (a while loop): for a 32-layer model it reports about one
 layer's work. This walks the optimized HLO instead and multiplies each computation's cost by how
-often it runs: a while body by its trip count (`known_trip_count` when XLA records it, else the
-constant bound of the loop condition `i < N`, which is how `lax.scan` lowers), a fusion or call
-by its caller's count. Loops whose bound is only known at run time (the decode loop's token
-budget) count once and are reported in `unknown_trip_loops`.
+often it runs: a while body by its trip count (`known_trip_count` when XLA records it, else from
+the loop condition `i < N` with the counter's start and step: `lax.scan` steps by 1, the TPU's
+windowed collective matmuls by 2), a fusion or call by its caller's count, a conditional by its
+costliest branch. Loops whose bound is only known at run time (the decode loop's token budget)
+count once and are reported in `unknown_trip_loops`.
 
 What is counted, per device (the SPMD-partitioned program):
-* flops: 2 per multiply-add of every `dot` and `convolution` (the TPU compiler writes matmuls as
-  convolutions); element-wise work is not counted (XLA's own count adds it: a few percent).
-* bytes: for every instruction of a non-fused computation, its operands plus its result (XLA's
-  model of HBM traffic per fusion); tuple plumbing, parameters and constants are free.
+* flops: 2 per multiply-add of every `dot` and `convolution` (the TPU compiler writes matmuls,
+  batched ones included, as convolutions; only window positions that read real input count, not
+  padding). Element-wise work is not counted (XLA's own count adds it: a few percent), nor
+  matrix-vector products XLA rewrites as multiply + reduce (one-row decode steps).
+* bytes: for every instruction of a non-fused computation, its operands plus its result; a fusion
+  operand read only through slices costs the slices, an in-place dynamic-update-slice result the
+  update. Tuple plumbing, parameters and constants are free. An approximation of XLA's model.
 * collectives: all-reduce, all-gather, reduce-scatter, all-to-all, collective-permute (and their
-  async `-start` halves), executions and bytes (the larger of operands and result).
+  async `-start` halves): executions and bytes (the larger of operands and result).
 """
 
 from __future__ import annotations
