@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -204,7 +203,6 @@ def rescore(path: str) -> dict:
     out["programs"] = [r.to_dict() for r in reports]
     out["table"] = summary_rows(reports)
     return out
-    return report, compiled
 
 
 # ----------------------------------------------------------------------------------------------
