@@ -67,7 +67,20 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[Any] | None =
     """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = config.resolve(len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    # Multi-slice TPU (slices joined by the data-center network): only the `data` axis crosses
+    # slices, so FSDP / tensor collectives stay on the fast in-slice interconnect.
+    from jax.experimental import mesh_utils
+
+    data, fsdp, tensor = shape
+    if data % slices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} over {slices} slices: the data axis ({data}) "
+                         f"must be a multiple of the slice count (only data parallelism crosses slices)")
+    grid = mesh_utils.create_hybrid_device_mesh((data // slices, fsdp, tensor), (slices, 1, 1), devices)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 # ----------------------------------------------------------------------------------------------

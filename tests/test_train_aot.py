@@ -43,16 +43,15 @@ def _worker(out_path: str) -> None:
         model = cfg.resolve_model(cfg.model)
         mesh = shd.make_mesh(cfg.mesh)
         total = 5198  # 1 epoch of llava_v1_5_mix665k at batch 128
-        spec = step_lib.make_state_spec(model, opt.make_optimizer(cfg.optim, total),
-                                        opt.make_schedule(cfg.optim, total), cfg.optim, mesh)
-        accum, micro, seq = cfg.optim.grad_accum_steps, cfg.micro_batch, cfg.data.max_length
+        program = step_lib.build_train_program(model, cfg.optim, cfg.global_batch, mesh, total)
+        spec, accum, micro, seq = program.spec, program.accum, program.micro, cfg.data.max_length
         types = np.full((micro, seq), tt.ANSWER, np.int32)
         types[:, :SYSTEM_TOKENS] = tt.SYSTEM
         types[:, SYSTEM_TOKENS:SYSTEM_TOKENS + model.image_seq_length] = tt.IMAGE
         capacity = routing_capacity(model, types, "train")
         t0 = time.perf_counter()
         with jax.set_mesh(mesh):
-            lowered = step_lib.make_train_step(spec, accum, capacity).lower(
+            lowered = program.step(capacity).lower(
                 spec.abstract, step_lib.abstract_batch(spec, accum, micro, seq))
             t1 = time.perf_counter()
             compiled = lowered.compile()

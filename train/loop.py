@@ -151,11 +151,8 @@ def run(cfg: TrainConfig, workdir: str | os.PathLike,
         workdir.mkdir(parents=True, exist_ok=True)
     model = resolve_model(cfg)
     mesh = shd.make_mesh(cfg.mesh, devices)
-    accum, micro = cfg.optim.grad_accum_steps, cfg.micro_batch
-    n_shards = shd.batch_shard_count(mesh)
-    if micro % n_shards:
-        raise ValueError(f"micro-batch {micro} (global_batch {cfg.global_batch} / grad_accum_steps {accum}) "
-                         f"is not divisible by the {n_shards} batch shards of mesh {dict(mesh.shape)}")
+    accum = cfg.optim.grad_accum_steps
+    micro = step_lib.check_micro_batch(mesh, cfg.global_batch, accum)  # before building the data source
     lo, hi = shd.process_batch_rows(mesh, micro)
     shard = data_lib.Shard(lo, hi, micro, accum)
     if source_factory is None:
@@ -166,11 +163,8 @@ def run(cfg: TrainConfig, workdir: str | os.PathLike,
     pad_id = pad_id if pad_id is not None else (model.pad_token_id or 0)
     total_steps = cfg.total_steps(getattr(source, "num_examples", None))
 
-    schedule = opt.make_schedule(cfg.optim, total_steps)
-    tx = opt.make_optimizer(cfg.optim, total_steps)
-    spec = step_lib.make_state_spec(model, tx, schedule, cfg.optim, mesh)
-    trainable = flops_lib.Trainable(**{part: any(p.startswith(part + "/") for p in spec.trainable)
-                                       for part in ("vision", "projector", "llm")})
+    program = step_lib.build_train_program(model, cfg.optim, cfg.global_batch, mesh, total_steps)
+    spec = program.spec
     ckpt = Checkpointer(workdir / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpointing)
     writer = MetricsWriter(workdir, enabled=primary)
     peak = cfg.peak_tflops_per_device or flops_lib.peak_tflops(jax.devices()[0].device_kind)
@@ -229,7 +223,7 @@ def run(cfg: TrainConfig, workdir: str | os.PathLike,
                     compiled = cap not in train_steps
                     if compiled:
                         log.info("compiling train step for capacity %s (sequence length %d)", cap, seq_len)
-                        train_steps[cap] = step_lib.make_train_step(spec, accum, cap)
+                        train_steps[cap] = program.step(cap)
                     state, metrics = train_steps[cap](state, batch)
                     # Overlap: read the next batch on the host while the device runs this step.
                     next_item = (next(source), source.get_state()) if step + 1 < total_steps else None
@@ -245,7 +239,7 @@ def run(cfg: TrainConfig, workdir: str | os.PathLike,
                             f"{float(m['router_loss'])}, grad_norm {grad_norm}) at step {step}; stopped without "
                             f"saving this state. Last good checkpoint: "
                             f"{ckpt.directory / str(good) if good is not None else 'none'}")
-                    flops = flops_lib.train_step_flops(model, cfg.global_batch, seq_len, cap, trainable)
+                    flops = program.model_flops(seq_len, cap)
                     m.update(step_time=step_time, tokens_per_s=float(m["tokens"]) / step_time,
                              tflops_per_device=flops / step_time / jax.device_count() / 1e12,
                              capacity=cap or seq_len, seq_len=seq_len, includes_compile=int(compiled))

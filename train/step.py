@@ -28,6 +28,7 @@ from gmod_jax import token_types as tt
 from gmod_jax.config import ModelConfig
 from gmod_jax.models.llama import RoutingPlan
 from gmod_jax.models.llava import LlavaModel
+from train import flops as flops_lib
 from train import optimizer as opt
 from train.data import IGNORE_INDEX, MODEL_KEYS
 
@@ -85,6 +86,51 @@ def make_state_spec(model: ModelConfig, tx, schedule, optim_cfg, mesh) -> StateS
     return StateSpec(model, tx, schedule, trainable, mesh, abstract, shardings)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+    """What `python -m train` compiles for a recipe on a mesh, built once by `build_train_program`
+    and shared by the training loop and the ahead-of-time compiler (`python -m train.aot`)."""
+
+    spec: StateSpec
+    accum: int  # micro-batches per optimizer step
+    micro: int  # rows per micro-batch (global batch / accum)
+    trainable_parts: flops_lib.Trainable  # which parts get gradients (for model FLOPs)
+
+    def step(self, capacity: int | None):
+        """The jitted train step for one static MoD capacity."""
+        return make_train_step(self.spec, self.accum, capacity)
+
+    def model_flops(self, seq_len: int, capacity: int | None) -> float:
+        """Model FLOPs of one optimizer step (all devices), the MFU numerator."""
+        return flops_lib.train_step_flops(self.spec.model, self.accum * self.micro, seq_len, capacity,
+                                          self.trainable_parts)
+
+
+def check_micro_batch(mesh, global_batch: int, accum: int) -> int:
+    """The micro-batch (global batch / accumulation steps); raises unless it splits evenly over
+    the mesh's batch shards."""
+    micro = global_batch // accum
+    n_shards = shd.batch_shard_count(mesh)
+    if micro % n_shards:
+        raise ValueError(f"micro-batch {micro} (global_batch {global_batch} / grad_accum_steps {accum}) "
+                         f"is not divisible by the {n_shards} batch shards of mesh {dict(mesh.shape)}")
+    return micro
+
+
+def build_train_program(model: ModelConfig, optim_cfg, global_batch: int, mesh, total_steps: int) -> TrainProgram:
+    """State spec (params, optimizer, shardings), accumulation and micro-batch of a run.
+
+    Raises when the micro-batch does not split over the mesh's batch shards."""
+    accum = optim_cfg.grad_accum_steps
+    micro = check_micro_batch(mesh, global_batch, accum)
+    schedule = opt.make_schedule(optim_cfg, total_steps)
+    tx = opt.make_optimizer(optim_cfg, total_steps)
+    spec = make_state_spec(model, tx, schedule, optim_cfg, mesh)
+    parts = flops_lib.Trainable(**{part: any(p.startswith(part + "/") for p in spec.trainable)
+                                   for part in ("vision", "projector", "llm")})
+    return TrainProgram(spec, accum, micro, parts)
+
+
 def make_init_params(spec: StateSpec):
     """Jitted fn(rng) -> params, created directly in their shardings. Kept apart from the
     optimizer init so that its (threefry-heavy, slow to compile) program is the same for every
@@ -131,10 +177,11 @@ def make_train_step(spec: StateSpec, accum: int, capacity: int | None):
     n_mod = len(model.mod_layers)
     routable = model.mod.routable_types if n_mod else ()
     # The forward's kept / entering token counts per MoD layer (and per routable type); zeros
-    # without MoD layers, and the start of their sum over micro-batches.
-    zero_counts = {"mod_kept": jnp.zeros((n_mod,), jnp.int32), "mod_tokens": jnp.zeros((n_mod,), jnp.int32),
-                   "mod_kept_by_type": jnp.zeros((n_mod, len(routable)), jnp.int32),
-                   "mod_tokens_by_type": jnp.zeros((n_mod, len(routable)), jnp.int32)}
+    # without MoD layers, and the start of their sum over micro-batches. NumPy constants: building
+    # a step places nothing on a device (AOT compiles for devices this host does not have).
+    zero_counts = {"mod_kept": np.zeros((n_mod,), np.int32), "mod_tokens": np.zeros((n_mod,), np.int32),
+                   "mod_kept_by_type": np.zeros((n_mod, len(routable)), np.int32),
+                   "mod_tokens_by_type": np.zeros((n_mod, len(routable)), np.int32)}
 
     def micro_objective(train_params, params, mb, n_labels):
         out = _forward(model, opt.merge(params, train_params), mb, plan)
