@@ -238,7 +238,7 @@ def make_target(cfg, topology, devices=None) -> Target:
 def train_step_report(target: Target, layout: Layout, hbm_fraction: float, dump_dir: str | None = None):
     import jax
 
-    from gmod_jax.api import routing_capacity
+    from gmod_jax.models.llama import routing_capacity
     from train import step as step_lib
 
     program, model = target.program, target.model
@@ -420,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> dict:
     from train import tpu_topology
-    from train.config import apply_overrides, load_mesh_preset, load_recipe
+    from gmod_jax.config_files import apply_overrides
+    from train.config import load_mesh_preset, load_recipe
 
     cfg = load_recipe(args.config)
     if args.mesh:
@@ -451,7 +452,7 @@ def run(args) -> dict:
     out["model"] = {"mod_layers": len(target.model.mod_layers), "mod_implementation": target.model.mod.implementation,
                     "remat": target.model.remat, "dtype": target.model.dtype,
                     # The TPU attention kernel choice, once the model config has one.
-                    "attention_implementation": getattr(target.model, "attention_implementation", None)}
+                    "attention_implementation": target.model.attention_impl}
     reports: list[ProgramReport] = []
     if TRAIN in programs:
         reports.append(train_step_report(target, layout, args.hbm_fraction, args.dump_hlo)[0])
@@ -471,7 +472,7 @@ def main(argv=None) -> int:
     if not tpu_topology.libtpu_available():
         print("error: the libtpu package is not installed (pip install -r requirements-dev.txt)", file=sys.stderr)
         return 2
-    from train.config import OverrideError
+    from gmod_jax.config_files import OverrideError
 
     try:
         if args.rescore:
