@@ -384,16 +384,21 @@ def hf_llava_config(raw: dict, where: str = "config.json") -> SourceConfig:
     return SourceConfig(KIND_HF, model, raw, extras)
 
 
+def _flat_llama(root: _Fields) -> tuple[LlamaConfig | None, str | None]:
+    """The Llama and the vision tower's name of a flat (original-LLaVA style) config."""
+    tower_name = root.raw("mm_vision_tower") or root.raw("vision_tower")
+    if tower_name is not None and not isinstance(tower_name, str):
+        root.fail("mm_vision_tower", f"must be a string, got {short(tower_name)}")
+        tower_name = None
+    return _llama(root, nested=False), tower_name
+
+
 def original_llava_config(raw: dict, vision_tower_dir: str | os.PathLike | None = None,
                           where: str = "config.json") -> SourceConfig:
     """Flat LlamaConfig + `mm_*` fields (liuhaotian LLaVA, and γ-MoD's mod_llava_llama)."""
     kind = detect_kind(raw)
     root = _Fields(raw, where)
-    llama = _llama(root, nested=False)
-    tower_name = raw.get("mm_vision_tower") or raw.get("vision_tower")
-    if tower_name is not None and not isinstance(tower_name, str):
-        root.fail("mm_vision_tower", f"must be a string, got {short(tower_name)}")
-        tower_name = None
+    llama, tower_name = _flat_llama(root)
     defaults = CLIP_VISION_DEFAULTS
     if vision_tower_dir is not None:
         tower_path = Path(vision_tower_dir) / "config.json"
@@ -460,22 +465,19 @@ def llava_hr_config(raw: dict, shapes: Mapping[str, tuple[int, ...]], where: str
     are 64 wide), LayerNorm eps and activation, the ConvNeXt's LayerNorm eps."""
     kind = detect_kind(raw, shapes)
     root = _Fields(raw, where)
-    llama = _llama(root, nested=False)
-    tower_name = root.raw("mm_vision_tower") or root.raw("vision_tower")
-    if tower_name is not None and not isinstance(tower_name, str):
-        root.fail("mm_vision_tower", f"must be a string, got {short(tower_name)}")
-        tower_name = None
-    defaults, depth = _hr_fast_geometry(shapes, root)
+    llama, tower_name = _flat_llama(root)
+    defaults = _hr_fast_geometry(shapes, root)
     section = root.section("mm_vision_config")
     if section is None and tower_name is not None and "clip" not in tower_name.lower():
         raise UnsupportedFormatError(f"{where}: LLaVA-HR fast tower {short(tower_name)} is not an OpenAI CLIP ViT; "
                                      "give its shape in mm_vision_config")
-    fields = section or _Fields({}, where, "mm_vision_config.", root.problems)
-    if defaults is not None and defaults["num_attention_heads"] is None and fields.raw("num_attention_heads") is None:
-        root.fail("mm_vision_config.num_attention_heads",
-                  f"is needed: a {defaults['hidden_size']}-wide CLIP is not OpenAI's ({OPENAI_CLIP_HEAD_DIM}-wide "
-                  "heads), and the weights do not tell the head count")
-    depth = fields.int("num_hidden_layers", depth)
+    fields = depth = None
+    if defaults is not None:
+        fields, depth = _vision_tower(section, defaults, root, invalid=root.data.get("mm_vision_config") is not None)
+        if defaults["num_attention_heads"] is None and (fields is None or fields.raw("num_attention_heads") is None):
+            root.fail("mm_vision_config.num_attention_heads",
+                      f"is needed: a {defaults['hidden_size']}-wide CLIP is not OpenAI's ({OPENAI_CLIP_HEAD_DIM}-wide "
+                      "heads), and the weights do not tell the head count")
     slow_name = root.str("vision_tower_slow", HR_SLOW_DEFAULT)
     slow = _hr_slow_trunk(shapes, slow_name, root)
     if root.data.get("freeze_vision") is None:  # stage-1 towers have no adapters
@@ -487,7 +489,7 @@ def llava_hr_config(raw: dict, shapes: Mapping[str, tuple[int, ...]], where: str
     if root.data.get("input_image_size") is None:
         root.fail("input_image_size", "is missing (LLaVA-HR's input side S, e.g. 1024)")
     vision = None
-    if defaults is not None and None not in (slow, adapters, size, depth) and not root.problems:
+    if None not in (fields, slow, adapters, size, depth):
         base = _vision(fields, defaults, depth, -2, "default")
         if base is not None:
             try:
@@ -515,25 +517,25 @@ def _shape_of(shapes: Mapping[str, tuple[int, ...]], key: str, rank: int, root: 
     return shape
 
 
-def _hr_fast_geometry(shapes, root: _Fields) -> tuple[dict | None, int | None]:
-    """CLIP fast-path fields (CLIPVisionConfig names) read off the weights, and its layer count."""
+def _hr_fast_geometry(shapes, root: _Fields) -> dict | None:
+    """CLIP fast-path fields (CLIPVisionConfig names) read off the weights."""
     patch = _shape_of(shapes, HR_FAST + "embeddings.patch_embedding.weight", 4, root)  # [d, c, p, p]
     pos = _shape_of(shapes, HR_FAST + "embeddings.position_embedding.weight", 2, root)  # [grid² + 1, d]
     fc1 = _shape_of(shapes, HR_FAST + "encoder.layers.0.mlp.fc1.weight", 2, root)  # [f, d]
     layers = {int(m.group(1)) for m in map(_HR_CLIP_LAYER.match, shapes) if m}
     if patch is None or pos is None or fc1 is None:
-        return None, None
+        return None
     grid = math.isqrt(pos[0] - 1)
     if grid * grid != pos[0] - 1:
         root.problems.append(f"{HR_FAST}embeddings.position_embedding.weight: {pos[0]} rows is not 1 + a square grid")
-        return None, None
+        return None
     width = patch[0]
     return {
         "hidden_size": width, "intermediate_size": fc1[0], "num_hidden_layers": max(layers) + 1,
         "num_attention_heads": width // OPENAI_CLIP_HEAD_DIM if width % OPENAI_CLIP_HEAD_DIM == 0 else None,
         "num_channels": patch[1], "image_size": grid * patch[2], "patch_size": patch[2],
         "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
-    }, max(layers) + 1
+    }
 
 
 def _hr_slow_trunk(shapes, name: str | None, root: _Fields) -> ConvNeXtConfig | None:
