@@ -496,7 +496,7 @@ def llava_hr_config(raw: dict, shapes: Mapping[str, tuple[int, ...]], where: str
                 vision = dataclasses.replace(base, tower="multipath", slow=slow, input_image_size=size,
                                              latent_adapters=adapters)
             except ValueError as e:  # ConfigError included: the multi-path geometry's own checks
-                root.problems.append(f"{where}: {e}")
+                root.problems.append(f"{where}: {str(e).replace('vision.input_image_size', 'input_image_size')}")
     extras = {"vision_tower_name": tower_name, "vision_tower_slow": slow_name}
     return _original_model(root, kind, llama, vision, extras)
 

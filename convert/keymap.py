@@ -573,11 +573,15 @@ def _slow_depth_problems(depths: tuple[int, ...], keys: list[str], bound: int) -
         return [f"the checkpoint names ConvNeXt slow tower stage {max(found)} but holds only {len(keys)} tensors"], \
             bounded
     held = tuple(max(found[i]) + 1 if i in found else 0 for i in range(max(found, default=-1) + 1))
-    if held == depths:
-        return [], bounded
-    return [f"config.json gives the ConvNeXt slow tower stage depths {list(depths)} but the checkpoint's "
-            f"slow_vision_tower.vision_tower.stages.S.blocks.B keys give {list(held)} (the config contradicts the "
-            "weights)"], bounded
+    if held != depths:
+        return [f"config.json gives the ConvNeXt slow tower stage depths {list(depths)} but the checkpoint's "
+                f"slow_vision_tower.vision_tower.stages.S.blocks.B keys give {list(held)} (the config contradicts "
+                "the weights)"], bounded
+    if not bounded:
+        deepest = max((k for k in keys if SLOW_BLOCK_RE.match(k)), key=lambda k: int(SLOW_BLOCK_RE.match(k).group(2)))
+        return [f"the ConvNeXt slow tower's stage depths {list(depths)} exceed the {len(keys)} tensors the checkpoint "
+                f"holds (block index of model.{deepest})"], False
+    return [], True
 
 
 def _source_name(config: ModelConfig, canonical: str, layout: str) -> str:

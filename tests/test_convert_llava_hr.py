@@ -173,6 +173,13 @@ def test_config_problems_are_named(tmp_path, reference, capsys):
                "mm_vision_config.num_attention_heads is needed", capsys=capsys)
 
 
+def test_stray_block_index_stops_before_allocation(tmp_path, reference, capsys):
+    """Depths are read from key names, so one stray index must not grow the expected-key table."""
+    key = hr.SLOW + "stages.1.blocks.999999999.norm.weight"
+    sd = {**reference["sd"], key: torch.zeros(16)}
+    _cli_fails(tmp_path, _write(tmp_path, reference, "safetensors", sd=sd), "exceed the", key, capsys=capsys)
+
+
 def test_router_copies_must_agree(tmp_path, reference, capsys):
     src = _write(tmp_path, reference, "bin")
     sd = torch.load(src / "pytorch_model-00002-of-00002.bin")
