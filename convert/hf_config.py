@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 
 from convert import strict_json
 from convert.errors import ConversionError, UnsupportedFormatError, raise_if_any
-from convert.keymap import HR_FAST, HR_SLOW, is_multipath_key
+from convert.keymap import HR_ADAPTERS, HR_FAST, HR_SLOW, is_multipath_key
 from gmod_jax.config import (MAX_INT, PROJECTOR_TYPE, ConfigError, ConvNeXtConfig, LlamaConfig, ModelConfig, MoDConfig,
                              ProjectorConfig, VisionConfig, feature_layer_problem, is_int, is_real, short)
 
@@ -481,7 +481,7 @@ def llava_hr_config(raw: dict, shapes: Mapping[str, tuple[int, ...]], where: str
     slow_name = root.str("vision_tower_slow", HR_SLOW_DEFAULT)
     slow = _hr_slow_trunk(shapes, slow_name, root)
     if root.data.get("freeze_vision") is None:  # stage-1 towers have no adapters
-        adapters = any(k.startswith(HR_MULTIPATH_ADAPTERS) for k in shapes)
+        adapters = any(k.startswith(HR_ADAPTERS) for k in shapes)
     else:
         frozen = root.bool("freeze_vision", True)
         adapters = None if frozen is None else not frozen
@@ -501,7 +501,6 @@ def llava_hr_config(raw: dict, shapes: Mapping[str, tuple[int, ...]], where: str
     return _original_model(root, kind, llama, vision, extras)
 
 
-HR_MULTIPATH_ADAPTERS = "model.vision_tower.align_stages_latent."
 _HR_CLIP_LAYER = re.compile(re.escape(HR_FAST) + r"encoder\.layers\.(\d+)\.")
 _HR_SLOW_BLOCK = re.compile(re.escape(HR_SLOW) + r"stages\.(\d+)\.blocks\.(\d+)\.")
 

@@ -59,8 +59,8 @@ ORIGINAL_LAYOUTS = ("E", "gamma_mod") + HR_LAYOUTS
 # path takes the canonical CLIP keys `vision_tower.<HF CLIP name>`.
 HR_FAST = "model.vision_tower.fast_vision_tower.vision_tower.vision_model."
 HR_SLOW = "model.vision_tower.slow_vision_tower.vision_tower."
-HR_MULTIPATH = ("model.vision_tower.slow_vision_tower.", "model.vision_tower.align_stages_latent.",
-                "model.vision_tower.align_stages.")
+HR_ADAPTERS = "model.vision_tower.align_stages_latent."
+HR_MULTIPATH = ("model.vision_tower.slow_vision_tower.", HR_ADAPTERS, "model.vision_tower.align_stages.")
 # The ConvNeXt classifier head is never called by LLaVA-HR; its shape depends on which timm tag
 # initialised it (probably [1000, 1536], llava-hr-and-mgm.md §0.1), so it is dropped unread.
 HR_SLOW_HEAD = HR_SLOW + "head."

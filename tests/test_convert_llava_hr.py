@@ -11,6 +11,7 @@ every tensor back bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 import gmod_jax
 from convert import pipeline
 from convert.__main__ import main as convert_main
+from convert.errors import UnsupportedFormatError
 from convert.readers import CheckpointReader
 from convert.to_hf import main as to_hf_main
 from gmod_jax import config as C
@@ -187,3 +189,37 @@ def test_router_copies_must_agree(tmp_path, reference, capsys):
     torch.save(sd, src / "pytorch_model-00002-of-00002.bin")
     _cli_fails(tmp_path, src, "model.layers.3.router.weight differs from model.layers.1.router.weight",
                capsys=capsys)
+
+
+def _header_shapes(cfg, layout: str = "gamma_mod_hr") -> dict:
+    """On-disk key -> shape of a full-size checkpoint of `cfg`, from the declared layout alone
+    (what the converter sees in shard headers before reading any tensor)."""
+    from convert import keymap
+
+    shapes = {keymap.export_key(cfg, c, layout): t.torch_shape for c, t in keymap.expected_keys(cfg).items()}
+    shapes[hr.SLOW + "head.fc.weight"] = (1000, cfg.vision.slow.width)
+    for i in cfg.mod_layers:
+        shapes[f"model.layers.{i}.router.weight"] = (2, cfg.text.hidden_size)
+    return shapes
+
+
+def test_real_7b_and_13b_geometry_is_read_from_headers():
+    """γ-MoD-LLaVA-HR-7B/13B as released (no mm_vision_config: CLIP-L/336 heads from the OpenAI
+    head width) read back to the presets; ConvNeXt-XXL's real shapes are named."""
+    from convert import hf_config
+
+    for preset in (C.llava_hr_7b, C.llava_hr_13b):
+        cfg = C.gamma_mod(preset())
+        raw = hr.official_config(cfg, list(cfg.mod.layers))
+        del raw["mm_vision_config"]
+        source = hf_config.llava_hr_config(raw, _header_shapes(cfg))
+        assert source.kind == "gamma_mod_hr"
+        assert source.model.vision == cfg.vision and source.model.text == cfg.text
+        assert source.model.mod.layers == cfg.mod.layers and source.model.image_token_index == -200
+    xxl = C.llava_hr_7b()
+    xxl = xxl.replace(vision=dataclasses.replace(xxl.vision, slow=C.ConvNeXtConfig(
+        depths=(3, 4, 30, 3), dims=(384, 768, 1536, 3072), norm_eps=1e-5)))
+    raw = hr.official_config(xxl)
+    del raw["mm_vision_config"]
+    with pytest.raises(UnsupportedFormatError, match=r"ConvNeXt-XXL \(convnext_xxlarge"):
+        hf_config.llava_hr_config(raw, _header_shapes(xxl, "E_hr"))
