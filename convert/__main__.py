@@ -1,7 +1,8 @@
 """`python -m convert --src DIR --out DIR [--vision-tower DIR] [--dtype keep|float32|bfloat16|float16]`
 
 Converts an HF LLaVA (layouts A-D), original LLaVA (E, with `--vision-tower` when the tower is
-not in the checkpoint) or γ-MoD `mod_llava_llama` checkpoint into a gmod-jax Orbax checkpoint.
+not in the checkpoint), γ-MoD `mod_llava_llama`, LLaVA-HR or γ-MoD-LLaVA-HR checkpoint into a
+gmod-jax Orbax checkpoint.
 Exit status 0 on success, 2 on a conversion error (message on stderr, no output left behind).
 """
 

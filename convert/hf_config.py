@@ -14,11 +14,12 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 from convert import strict_json
 from convert.errors import ConversionError, UnsupportedFormatError, raise_if_any
-from gmod_jax.config import (MAX_INT, PROJECTOR_TYPE, ConfigError, LlamaConfig, ModelConfig, MoDConfig,
+from convert.keymap import HR_ADAPTERS, HR_FAST, HR_SLOW, is_multipath_key
+from gmod_jax.config import (MAX_INT, PROJECTOR_TYPE, ConfigError, ConvNeXtConfig, LlamaConfig, ModelConfig, MoDConfig,
                              ProjectorConfig, VisionConfig, feature_layer_problem, is_int, is_real, short)
 
 # transformers `LlamaConfig()` defaults (identical in 4.3x and 5.24).
@@ -69,6 +70,16 @@ ORIGINAL_IMAGE_TOKEN_INDEX = -200  # llava/constants.py IMAGE_TOKEN_INDEX (also 
 KIND_HF = "hf_llava"
 KIND_ORIGINAL = "original_llava"
 KIND_GAMMA_MOD = "gamma_mod"
+KIND_LLAVA_HR = "llava_hr"  # LLaVA-HR: original-LLaVA config + multi-path tower
+KIND_GAMMA_MOD_HR = "gamma_mod_hr"  # γ-MoD-LLaVA-HR: mod_llava_llama + multi-path tower
+
+# LLaVA-HR's slow tower: what its weights cannot tell comes from the timm entry point in
+# `vision_tower_slow` (llava-hr-and-mgm.md §1.4). Only ConvNeXt-L is supported; ConvNeXt-XXL
+# (LLaVA-HR-X) is named and refused rather than loaded with the wrong LayerNorm eps.
+HR_SLOW_EPS = {"convnext_large_mlp": 1e-6}
+HR_SLOW_DEFAULT = "convnext_large_mlp.clip_laion2b_ft_320"  # LLaVA-HR train.py's default
+CONVNEXT_XXL = {"depths": (3, 4, 30, 3), "dims": (384, 768, 1536, 3072)}
+OPENAI_CLIP_HEAD_DIM = 64  # every OpenAI CLIP ViT (B/32 ... L/14-336): heads = width / 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,14 +102,11 @@ def load_json(path: str | os.PathLike) -> dict:
     return data
 
 
-def detect_kind(raw: dict) -> str:
-    """Classify a config.json; raise for known-but-unsupported families (LLaVA-HR, MGM, LLaVA-1.6)."""
+def detect_kind(raw: dict, keys: Iterable[str] = ()) -> str:
+    """Classify a config.json (and the weights' key names, which mark LLaVA-HR's multi-path tower
+    when the config lacks `is_multipath_encoder`); raise for known-but-unsupported families (MGM,
+    LLaVA-1.6)."""
     model_type = raw.get("model_type")
-    if raw.get("is_multipath_encoder") or "vision_tower_slow" in raw:
-        raise UnsupportedFormatError(
-            "LLaVA-HR multi-path vision encoder (is_multipath_encoder / vision_tower_slow) is not supported yet: "
-            "the converter and model lack the ConvNeXt slow tower, the MR-Adapter fusion (align_stages*) and the "
-            "1024-px CLIP position-table resampling")
     if model_type in ("mgm", "mod_mgm") or "mm_vision_tower_aux" in raw:
         raise UnsupportedFormatError(
             "Mini-Gemini (MGM) checkpoints (mm_vision_tower_aux) are not supported yet: the converter and model "
@@ -107,7 +115,10 @@ def detect_kind(raw: dict) -> str:
         raise UnsupportedFormatError(
             "LLaVA-1.6 any-resolution checkpoints (mm_patch_merge_type *unpad / image_aspect_ratio anyres) are not "
             "supported yet: missing image tiling and the image_newline parameter")
-    if model_type == "mod_llava_llama" or isinstance(raw.get("mod"), dict):
+    gamma_mod = model_type == "mod_llava_llama" or isinstance(raw.get("mod"), dict)
+    if raw.get("is_multipath_encoder") is True or "vision_tower_slow" in raw or any(map(is_multipath_key, keys)):
+        return KIND_GAMMA_MOD_HR if gamma_mod else KIND_LLAVA_HR
+    if gamma_mod:
         return KIND_GAMMA_MOD
     if "mm_vision_tower" in raw or "mm_projector_type" in raw or "mm_hidden_size" in raw:
         return KIND_ORIGINAL
@@ -373,16 +384,21 @@ def hf_llava_config(raw: dict, where: str = "config.json") -> SourceConfig:
     return SourceConfig(KIND_HF, model, raw, extras)
 
 
+def _flat_llama(root: _Fields) -> tuple[LlamaConfig | None, str | None]:
+    """The Llama and the vision tower's name of a flat (original-LLaVA style) config."""
+    tower_name = root.raw("mm_vision_tower") or root.raw("vision_tower")
+    if tower_name is not None and not isinstance(tower_name, str):
+        root.fail("mm_vision_tower", f"must be a string, got {short(tower_name)}")
+        tower_name = None
+    return _llama(root, nested=False), tower_name
+
+
 def original_llava_config(raw: dict, vision_tower_dir: str | os.PathLike | None = None,
                           where: str = "config.json") -> SourceConfig:
     """Flat LlamaConfig + `mm_*` fields (liuhaotian LLaVA, and γ-MoD's mod_llava_llama)."""
     kind = detect_kind(raw)
     root = _Fields(raw, where)
-    llama = _llama(root, nested=False)
-    tower_name = raw.get("mm_vision_tower") or raw.get("vision_tower")
-    if tower_name is not None and not isinstance(tower_name, str):
-        root.fail("mm_vision_tower", f"must be a string, got {short(tower_name)}")
-        tower_name = None
+    llama, tower_name = _flat_llama(root)
     defaults = CLIP_VISION_DEFAULTS
     if vision_tower_dir is not None:
         tower_path = Path(vision_tower_dir) / "config.json"
@@ -404,30 +420,167 @@ def original_llava_config(raw: dict, vision_tower_dir: str | os.PathLike | None 
     select = root.str("mm_vision_select_feature", "patch", tuple(strategies))
     feature_layer = root.feature_layer("mm_vision_select_layer", -1, depth)
     vision = _vision(v, defaults, depth, feature_layer, strategies.get(select))
+    return _original_model(root, kind, llama, vision, {"vision_tower_name": tower_name})
+
+
+def _original_model(root: _Fields, kind: str, llama, vision, extras: dict) -> SourceConfig:
+    """The fields original LLaVA, γ-MoD and LLaVA-HR configs share: projector, `mod`, token ids;
+    every problem of the file is raised together."""
     projector_type = root.str("mm_projector_type", "linear")
     if projector_type not in (None, "linear") and not PROJECTOR_TYPE.match(projector_type):
-        raise UnsupportedFormatError(f"{where}: unknown projector type {short(projector_type)} (expected 'linear' "
-                                     "or 'mlpNx_gelu')")
+        raise UnsupportedFormatError(f"{root.where}: unknown projector type {short(projector_type)} (expected "
+                                     "'linear' or 'mlpNx_gelu')")
     projector = root.build(ProjectorConfig, {"projector.type": "mm_projector_type"}, type=projector_type, bias=True,
                            hidden_act="gelu")
     mm_hidden = root.int("mm_hidden_size")
-    if mm_hidden is not None and vision is not None and mm_hidden != vision.hidden_size * len(vision.feature_layers):
+    if mm_hidden is not None and vision is not None and mm_hidden != vision.feature_dim:
         root.fail("mm_hidden_size", f"{mm_hidden} contradicts the vision tower's hidden size {vision.hidden_size}")
     mod = MoDConfig()
-    extras: dict[str, Any] = {
-        "vision_tower_name": tower_name,
+    extras = {
+        **extras,
         "bos_token_id": root.token_ids("bos_token_id", LLAMA_DEFAULTS["bos_token_id"]),
         "eos_token_id": root.token_ids("eos_token_id", LLAMA_DEFAULTS["eos_token_id"]),
-        "source_dtype": _source_dtype(raw),
+        "source_dtype": _source_dtype(root.data),
     }
     mod_section = root.section("mod")
-    if kind == KIND_GAMMA_MOD and llama is not None and (mod_section is not None or raw.get("mod") is None):
-        mod, mod_extras = _mod(mod_section or _Fields({}, where, "mod.", root.problems), llama.num_layers)
+    if kind in (KIND_GAMMA_MOD, KIND_GAMMA_MOD_HR) and llama is not None and (
+            mod_section is not None or root.data.get("mod") is None):
+        mod, mod_extras = _mod(mod_section or _Fields({}, root.where, "mod.", root.problems), llama.num_layers)
         extras.update(mod_extras)
     pad = _pad_token_id(root, "pad_token_id", None, llama.vocab_size if llama else None)
-    _raise_problems(root.problems, where)
+    _raise_problems(root.problems, root.where)
     model = _model_config(root, vision, projector, llama, mod, ORIGINAL_IMAGE_TOKEN_INDEX, pad)
-    return SourceConfig(kind, model, raw, extras)
+    return SourceConfig(kind, model, root.data, extras)
+
+
+def llava_hr_config(raw: dict, shapes: Mapping[str, tuple[int, ...]], where: str = "config.json") -> SourceConfig:
+    """LLaVA-HR / γ-MoD-LLaVA-HR: an original-LLaVA config with `is_multipath_encoder`,
+    `vision_tower_slow`, `input_image_size` and `freeze_vision`.
+
+    The towers' geometry (widths, depths, layer counts, patch and grid sizes) is read from the
+    weights' shapes and key names (`shapes`: on-disk key -> shape, headers only), so a checkpoint
+    of any size converts; `mm_vision_config` (this project's addition, written by the exporter)
+    overrides the CLIP fields it gives and build_plan then checks them against the shapes. Only
+    what shapes cannot tell comes from the towers' names: the CLIP's head count (OpenAI CLIP heads
+    are 64 wide), LayerNorm eps and activation, the ConvNeXt's LayerNorm eps."""
+    kind = detect_kind(raw, shapes)
+    root = _Fields(raw, where)
+    llama, tower_name = _flat_llama(root)
+    defaults = _hr_fast_geometry(shapes, root)
+    section = root.section("mm_vision_config")
+    if section is None and tower_name is not None and "clip" not in tower_name.lower():
+        raise UnsupportedFormatError(f"{where}: LLaVA-HR fast tower {short(tower_name)} is not an OpenAI CLIP ViT; "
+                                     "give its shape in mm_vision_config")
+    fields = depth = None
+    if defaults is not None:
+        fields, depth = _vision_tower(section, defaults, root, invalid=root.data.get("mm_vision_config") is not None)
+        if defaults["num_attention_heads"] is None and (fields is None or fields.raw("num_attention_heads") is None):
+            root.fail("mm_vision_config.num_attention_heads",
+                      f"is needed: a {defaults['hidden_size']}-wide CLIP is not OpenAI's ({OPENAI_CLIP_HEAD_DIM}-wide "
+                      "heads), and the weights do not tell the head count")
+    slow_name = root.str("vision_tower_slow", HR_SLOW_DEFAULT)
+    slow = _hr_slow_trunk(shapes, slow_name, root)
+    if root.data.get("freeze_vision") is None:  # stage-1 towers have no adapters
+        adapters = any(k.startswith(HR_ADAPTERS) for k in shapes)
+    else:
+        frozen = root.bool("freeze_vision", True)
+        adapters = None if frozen is None else not frozen
+    size = root.int("input_image_size")
+    if root.data.get("input_image_size") is None:
+        root.fail("input_image_size", "is missing (LLaVA-HR's input side S, e.g. 1024)")
+    vision = None
+    if None not in (fields, slow, adapters, size, depth):
+        base = _vision(fields, defaults, depth, -2, "default")
+        if base is not None:
+            try:
+                vision = dataclasses.replace(base, tower="multipath", slow=slow, input_image_size=size,
+                                             latent_adapters=adapters)
+            except ValueError as e:  # ConfigError included: the multi-path geometry's own checks
+                root.problems.append(f"{where}: {str(e).replace('vision.input_image_size', 'input_image_size')}")
+    extras = {"vision_tower_name": tower_name, "vision_tower_slow": slow_name}
+    return _original_model(root, kind, llama, vision, extras)
+
+
+_HR_CLIP_LAYER = re.compile(re.escape(HR_FAST) + r"encoder\.layers\.(\d+)\.")
+_HR_SLOW_BLOCK = re.compile(re.escape(HR_SLOW) + r"stages\.(\d+)\.blocks\.(\d+)\.")
+
+
+def _shape_of(shapes: Mapping[str, tuple[int, ...]], key: str, rank: int, root: _Fields):
+    """The shape of `key` (needed to read a tower's geometry), or None with a problem."""
+    shape = shapes.get(key)
+    if shape is None:
+        root.problems.append(f"missing key {key} (the tower's geometry is read from it)")
+    elif len(shape) != rank or not all(shape):
+        root.problems.append(f"{key}: shape {list(shape)} is not a rank-{rank} tensor of a LLaVA-HR tower")
+        shape = None
+    return shape
+
+
+def _hr_fast_geometry(shapes, root: _Fields) -> dict | None:
+    """CLIP fast-path fields (CLIPVisionConfig names) read off the weights."""
+    patch = _shape_of(shapes, HR_FAST + "embeddings.patch_embedding.weight", 4, root)  # [d, c, p, p]
+    pos = _shape_of(shapes, HR_FAST + "embeddings.position_embedding.weight", 2, root)  # [grid² + 1, d]
+    fc1 = _shape_of(shapes, HR_FAST + "encoder.layers.0.mlp.fc1.weight", 2, root)  # [f, d]
+    layers = {int(m.group(1)) for m in map(_HR_CLIP_LAYER.match, shapes) if m}
+    if patch is None or pos is None or fc1 is None:
+        return None
+    grid = math.isqrt(pos[0] - 1)
+    if grid * grid != pos[0] - 1:
+        root.problems.append(f"{HR_FAST}embeddings.position_embedding.weight: {pos[0]} rows is not 1 + a square grid")
+        return None
+    width = patch[0]
+    return {
+        "hidden_size": width, "intermediate_size": fc1[0], "num_hidden_layers": max(layers) + 1,
+        "num_attention_heads": width // OPENAI_CLIP_HEAD_DIM if width % OPENAI_CLIP_HEAD_DIM == 0 else None,
+        "num_channels": patch[1], "image_size": grid * patch[2], "patch_size": patch[2],
+        "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    }
+
+
+def _hr_slow_trunk(shapes, name: str | None, root: _Fields) -> ConvNeXtConfig | None:
+    """The ConvNeXt slow trunk read off the weights; its LayerNorm eps from the timm entry point
+    named in `vision_tower_slow`."""
+    blocks: dict[int, int] = {}
+    for m in map(_HR_SLOW_BLOCK.match, shapes):
+        if m:
+            stage, block = int(m.group(1)), int(m.group(2))
+            blocks[stage] = max(blocks.get(stage, 0), block + 1)
+    if not blocks:
+        root.problems.append(f"the weights hold no ConvNeXt slow tower blocks ({HR_SLOW}stages.S.blocks.B.*)")
+        return None
+    if max(blocks) >= len(shapes):  # a stray index: the stage list would grow with it, not the file
+        root.problems.append(f"{HR_SLOW}stages.{max(blocks)}: stage index beyond the {len(shapes)} tensors held")
+        return None
+    depths = tuple(blocks.get(i, 0) for i in range(max(blocks) + 1))
+    stem = _shape_of(shapes, HR_SLOW + "stem.0.weight", 4, root)  # [dims[0], c, p, p]
+    norms = [_shape_of(shapes, f"{HR_SLOW}stages.{i}.blocks.0.norm.weight", 1, root) for i in range(len(depths))]
+    dw = _shape_of(shapes, HR_SLOW + "stages.0.blocks.0.conv_dw.weight", 4, root)  # [C, 1, k, k]
+    fc1 = _shape_of(shapes, HR_SLOW + "stages.0.blocks.0.mlp.fc1.weight", 2, root)  # [ratio·C, C]
+    if stem is None or dw is None or fc1 is None or None in norms:
+        return None
+    dims = tuple(n[0] for n in norms)
+    family = None if name is None else name.rstrip("/").rsplit("/", 1)[-1].split(".")[0]
+    if "xxlarge" in (family or "") or depths == CONVNEXT_XXL["depths"] or dims == CONVNEXT_XXL["dims"]:
+        raise UnsupportedFormatError(
+            f"{root.where}: the slow tower is ConvNeXt-XXL (convnext_xxlarge, LLaVA-HR-X: depths (3, 4, 30, 3), dims "
+            f"(384, 768, 1536, 3072), LayerNorm eps 1e-5; this checkpoint: vision_tower_slow {short(name)}, depths "
+            f"{list(depths)}, dims {list(dims)}), which is not supported: only LLaVA-HR's ConvNeXt-L slow tower "
+            "(convnext_large_mlp, LayerNorm eps 1e-6) is")
+    if family not in HR_SLOW_EPS:
+        raise UnsupportedFormatError(
+            f"{root.where}: vision_tower_slow {short(name)} is not supported (known: {', '.join(HR_SLOW_EPS)}); its "
+            "LayerNorm eps cannot be read from the weights")
+    if fc1[0] % dims[0]:
+        root.problems.append(f"{HR_SLOW}stages.0.blocks.0.mlp.fc1.weight: {fc1[0]} rows are not a multiple of the "
+                             f"stage width {dims[0]}")
+        return None
+    try:
+        return ConvNeXtConfig(depths=depths, dims=dims, patch_size=stem[2], kernel_size=dw[2],
+                              norm_eps=HR_SLOW_EPS[family], mlp_ratio=fc1[0] // dims[0],
+                              layer_scale=f"{HR_SLOW}stages.0.blocks.0.weight" in shapes)
+    except ConfigError as e:
+        root.problems.extend(f"{root.where}: ConvNeXt slow tower read from the weights: {p}" for p in e.problems)
+        return None
 
 
 def _mod(mod: _Fields, num_layers: int) -> tuple[MoDConfig, dict]:
@@ -461,16 +614,21 @@ def _model_config(root: _Fields, vision, projector, llama, mod, image_token, pad
     return model
 
 
-def read_source_config(src_dir: str | os.PathLike, vision_tower_dir: str | os.PathLike | None = None) -> SourceConfig:
-    """Parse `<src_dir>/config.json` of any supported kind."""
+def read_source_config(src_dir: str | os.PathLike, vision_tower_dir: str | os.PathLike | None = None,
+                       shapes: Mapping[str, tuple[int, ...]] | None = None) -> SourceConfig:
+    """Parse `<src_dir>/config.json` of any supported kind; `shapes` (on-disk key -> shape of the
+    weights) is where LLaVA-HR's tower geometry is read."""
     path = Path(src_dir) / "config.json"
     raw = load_json(path)
-    kind = detect_kind(raw)
+    shapes = shapes or {}
+    kind = detect_kind(raw, shapes)
+    if kind in (KIND_HF, KIND_LLAVA_HR, KIND_GAMMA_MOD_HR) and vision_tower_dir is not None:
+        raise ConversionError("--vision-tower is only for original-LLaVA / γ-MoD checkpoints without a tower; an HF "
+                              "LLaVA or LLaVA-HR checkpoint carries its own vision tower")
     if kind == KIND_HF:
-        if vision_tower_dir is not None:
-            raise ConversionError("--vision-tower is only for original-LLaVA / γ-MoD checkpoints; an HF LLaVA "
-                                  "checkpoint carries its own vision tower")
         return hf_llava_config(raw, str(path))
+    if kind in (KIND_LLAVA_HR, KIND_GAMMA_MOD_HR):
+        return llava_hr_config(raw, shapes, str(path))
     return original_llava_config(raw, vision_tower_dir, str(path))
 
 
@@ -527,9 +685,19 @@ def _llama_dict(t: LlamaConfig, extras: dict) -> dict:
     }
 
 
+def _check_tower(config: ModelConfig):
+    """The LLaVA-1.5 formats hold a CLIP tower only."""
+    if config.vision.tower == "multipath":
+        raise ConversionError("a LLaVA-HR checkpoint (multi-path vision tower) exports with --format "
+                              f"{'gamma_mod_hr' if config.mod.enabled else 'llava_hr'}")
+    if config.vision.tower != "clip":
+        raise ConversionError(f"vision tower {config.vision.tower!r} has no export format yet")
+
+
 def to_hf_llava_config(config: ModelConfig, extras: dict | None = None) -> dict:
     """A transformers 5.x `LlavaConfig` dict (full sub-configs, `rope_parameters`)."""
     extras = extras or {}
+    _check_tower(config)
     if config.mod.enabled:
         raise ConversionError("a γ-MoD checkpoint has a router HF LLaVA cannot hold; export with --format gamma_mod")
     if config.projector.type != "mlp2x_gelu" or config.projector.hidden_act != "gelu":
@@ -560,10 +728,8 @@ def to_gamma_mod_config(config: ModelConfig, extras: dict | None = None) -> dict
     `mm_vision_config` is this project's addition: the original format names the tower only by
     hub id, which cannot describe a non-CLIP-L/336 tower (e.g. tiny test models)."""
     extras = extras or {}
-    if not config.mod.enabled:
-        raise ConversionError("not a γ-MoD checkpoint (mod disabled); export with --format hf")
-    if not config.mod.shared_router:
-        raise ConversionError("γ-MoD checkpoints hold one shared router; this checkpoint has per-layer routers")
+    _check_tower(config)
+    _check_gamma_mod(config, "gamma_mod")
     if len(config.vision.feature_layers) != 1:
         raise ConversionError("the original LLaVA format selects a single vision feature layer")
     t = config.text
@@ -585,11 +751,76 @@ def to_gamma_mod_config(config: ModelConfig, extras: dict | None = None) -> dict
         "mm_use_im_patch_token": False,
         "image_aspect_ratio": "pad",
         "use_mm_proj": True,
-        "mod": {
-            "mod_enable": True,
-            "mod_mode": extras.get("mod_mode") or "custom",
-            "mod_layers_idx": list(config.mod.layers),
-            "capacity_factor": extras.get("capacity_factor", config.mod.routing_ratio),
-            "router_aux_loss_coef": config.mod.router_aux_loss_coef,
-        },
+        "mod": _mod_dict(config, extras),
     }
+
+
+def _mod_dict(config: ModelConfig, extras: dict) -> dict:
+    return {
+        "mod_enable": True,
+        "mod_mode": extras.get("mod_mode") or "custom",
+        "mod_layers_idx": list(config.mod.layers),
+        "capacity_factor": extras.get("capacity_factor", config.mod.routing_ratio),
+        "router_aux_loss_coef": config.mod.router_aux_loss_coef,
+    }
+
+
+def _check_gamma_mod(config: ModelConfig, fmt: str):
+    if not config.mod.enabled:
+        raise ConversionError(f"not a γ-MoD checkpoint (mod disabled); export with --format "
+                              f"{'llava_hr' if fmt == 'gamma_mod_hr' else 'hf'}")
+    if not config.mod.shared_router:
+        raise ConversionError("γ-MoD checkpoints hold one shared router; this checkpoint has per-layer routers")
+
+
+def to_llava_hr_config(config: ModelConfig, extras: dict | None = None, gamma_mod: bool = False) -> dict:
+    """A LLaVA-HR (`llava`) or γ-MoD-LLaVA-HR (`mod_llava_llama`) config: flat 4.31-style Llama
+    fields, the official `mm_*` and multi-path fields (`is_multipath_encoder`,
+    `vision_tower_slow`, `input_image_size`, `freeze_vision`) and, for γ-MoD, `mod`.
+    `mm_vision_config` (this project's addition) gives the CLIP's shape, which the official
+    format leaves to the hub name; the reader reads every other geometry off the weights."""
+    extras = extras or {}
+    v = config.vision
+    if v.tower != "multipath":
+        raise ConversionError(f"not a LLaVA-HR checkpoint (vision tower {v.tower!r}); export with --format "
+                              f"{'gamma_mod' if config.mod.enabled else 'hf'}")
+    if gamma_mod:
+        _check_gamma_mod(config, "gamma_mod_hr")
+    elif config.mod.enabled:
+        raise ConversionError("a γ-MoD checkpoint has a router LLaVA-HR cannot hold; export with --format gamma_mod_hr")
+    slow_name = extras.get("vision_tower_slow") or HR_SLOW_DEFAULT
+    family = slow_name.rstrip("/").rsplit("/", 1)[-1].split(".")[0]
+    if HR_SLOW_EPS.get(family) != v.slow.norm_eps:
+        raise ConversionError(f"the slow tower's LayerNorm eps {v.slow.norm_eps} is not that of {slow_name!r}, the only "
+                              "place the LLaVA-HR format records it")
+    t = config.text
+    out = {
+        "architectures": ["MoDLLaVALlamaForCausalLM" if gamma_mod else "LlavaLlamaForCausalLM"],
+        "model_type": "mod_llava_llama" if gamma_mod else "llava",
+        **_llama_dict(t, extras),
+        "rope_theta": t.rope_theta,
+        "rope_scaling": t.rope_scaling_dict,
+        "pad_token_id": config.pad_token_id,
+        "torch_dtype": config.param_dtype,
+        "mm_vision_tower": extras.get("vision_tower_name") or CLIP_L_336_NAME,
+        "mm_vision_config": _vision_dict(v),
+        "vision_tower_slow": slow_name,
+        "is_multipath_encoder": True,
+        "input_image_size": v.input_image_size,
+        "freeze_vision": not v.latent_adapters,
+        "mm_hidden_size": v.feature_dim,
+        "mm_projector_type": config.projector.type,
+        "mm_vision_select_layer": -2,  # stored by LLaVA-HR, ignored by its multi-path forward
+        "mm_vision_select_feature": "patch",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "image_aspect_ratio": "pad",
+        "tune_mm_mlp_adapter": False,
+        "freeze_mm_mlp_adapter": False,
+        "use_mm_proj": True,
+        "image_grid_pinpoints": None,
+        "delay_load": False,
+    }
+    if gamma_mod:
+        out["mod"] = _mod_dict(config, extras)
+    return out

@@ -15,6 +15,13 @@ Layouts (checkpoint-formats.md §1.2, §2, §5):
   E  original LLaVA                model.*, lm_head, model.mm_projector.{0,2}, tower absent or
                                    model.vision_tower.vision_tower.vision_model.*
   gamma_mod                        E + model.layers.N.router.weight (one shared router)
+  E_hr                             LLaVA-HR: E with the multi-path tower, the CLIP fast path under
+                                   model.vision_tower.fast_vision_tower.vision_tower.vision_model.*,
+                                   the ConvNeXt slow trunk under model.vision_tower.slow_vision_tower.
+                                   vision_tower.* (its classifier `head.*` dropped), MR-adapters
+                                   model.vision_tower.align_stages_latent.N.*, fusion
+                                   model.vision_tower.align_stages.0.*
+  gamma_mod_hr                     γ-MoD-LLaVA-HR: E_hr + the shared router
 """
 
 from __future__ import annotations
@@ -39,12 +46,29 @@ LAYOUTS = {
     "D": "HF transformers 5.x save_pretrained (language_model.model.*, vision_tower.*)",
     "E": "original LLaVA (model.*, model.mm_projector.*)",
     "gamma_mod": "γ-MoD mod_llava_llama (original LLaVA keys + shared model.layers.N.router.weight)",
+    "E_hr": "LLaVA-HR (original LLaVA keys + multi-path tower: model.vision_tower.{fast,slow}_vision_tower.*, "
+            "align_stages*)",
+    "gamma_mod_hr": "γ-MoD-LLaVA-HR mod_llava_llama (LLaVA-HR keys + shared model.layers.N.router.weight)",
 }
 HF_LAYOUTS = ("A", "B", "C", "D")
+HR_LAYOUTS = ("E_hr", "gamma_mod_hr")
+ORIGINAL_LAYOUTS = ("E", "gamma_mod") + HR_LAYOUTS
+
+# LLaVA-HR's multi-path tower on disk (llava-hr-and-mgm.md §2.3). The canonical keys of the slow
+# trunk, adapters and fusion are these names minus `model.` (gmod_jax.param_layout); the CLIP fast
+# path takes the canonical CLIP keys `vision_tower.<HF CLIP name>`.
+HR_FAST = "model.vision_tower.fast_vision_tower.vision_tower.vision_model."
+HR_SLOW = "model.vision_tower.slow_vision_tower.vision_tower."
+HR_ADAPTERS = "model.vision_tower.align_stages_latent."
+HR_MULTIPATH = ("model.vision_tower.slow_vision_tower.", HR_ADAPTERS, "model.vision_tower.align_stages.")
+# The ConvNeXt classifier head is never called by LLaVA-HR; its shape depends on which timm tag
+# initialised it (probably [1000, 1536], llava-hr-and-mgm.md §0.1), so it is dropped unread.
+HR_SLOW_HEAD = HR_SLOW + "head."
 
 ROUTER_RE = re.compile(r"^language_model\.layers\.(\d+)\.router\.weight$")
 MIN_LAYER_BOUND = 1024  # layer counts up to this always get the full missing-key report
 _LAYER_RE = re.compile(r"^(language_model\.layers|vision_tower\.encoder\.layers)\.(\d+)\.")
+SLOW_BLOCK_RE = re.compile(r"^vision_tower\.slow_vision_tower\.vision_tower\.stages\.(\d+)\.blocks\.(\d+)\.")
 _CLIP_SKIP = ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
 _CLIP_BARE = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
 
@@ -152,13 +176,14 @@ def leaf_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
 # ----------------------------------------------------------------------------------------------
 # layouts
 
+def is_multipath_key(key: str) -> bool:
+    """A key of LLaVA-HR's multi-path vision tower (official layout)."""
+    return key.startswith(HR_FAST) or key.startswith(HR_MULTIPATH)
+
+
 def check_supported(keys: Iterable[str]):
-    """Raise UnsupportedFormatError for weights of LLaVA-HR, MGM or LLaVA-1.6."""
+    """Raise UnsupportedFormatError for weights of MGM or LLaVA-1.6."""
     for k in keys:
-        if any(s in k for s in ("fast_vision_tower", "slow_vision_tower", "align_stages")):
-            raise UnsupportedFormatError(
-                f"LLaVA-HR multi-path vision tower weights ({k}) are not supported yet: the converter and model lack "
-                "the ConvNeXt slow tower and the MR-Adapter fusion")
         if "vision_tower_aux" in k or "vlm_uni_" in k:
             raise UnsupportedFormatError(
                 f"Mini-Gemini weights ({k}) are not supported yet: the converter and model lack the ConvNeXt aux tower "
@@ -185,6 +210,17 @@ def detect_layout(keys: Iterable[str], kind: str) -> str:
         if kind == "hf_llava":
             raise ConversionError("config.json is an HF LlavaConfig but the weights use original-LLaVA keys "
                                   "(model.layers.*, model.mm_projector.*)")
+        hr_config = kind in ("llava_hr", "gamma_mod_hr")
+        hr_keys = any(is_multipath_key(k) for k in keys)
+        if hr_config and not hr_keys:
+            raise ConversionError("config.json describes LLaVA-HR's multi-path vision tower (is_multipath_encoder) "
+                                  "but the weights hold none of its keys (model.vision_tower.fast_vision_tower.*, "
+                                  "slow_vision_tower.*, align_stages*)")
+        if hr_keys and not hr_config:
+            raise ConversionError("the weights hold LLaVA-HR multi-path tower keys but config.json was read as a "
+                                  "plain original-LLaVA config")
+        if hr_config:
+            return "gamma_mod_hr" if kind == "gamma_mod_hr" else "E_hr"
         return "gamma_mod" if kind == "gamma_mod" else "E"
     if kind != "hf_llava":
         raise ConversionError(f"config.json is an original-LLaVA/γ-MoD config but the weights use HF LLaVA keys")
@@ -198,7 +234,8 @@ def is_dropped(key: str) -> bool:
     return key.endswith(".position_ids") or key.endswith("rotary_emb.inv_freq")
 
 
-def canonical_key(key: str, layout: str) -> str:
+def canonical_key(key: str, layout: str) -> str | None:
+    """The canonical name of an on-disk key; None for tensors the converter drops unread."""
     if layout in HF_LAYOUTS:
         k = key
         if k.startswith("model.") and k[6:].startswith(("language_model.", "vision_tower.", "multi_modal_projector.")):
@@ -210,7 +247,16 @@ def canonical_key(key: str, layout: str) -> str:
         if k.startswith("vision_tower.vision_model."):
             k = "vision_tower." + k[len("vision_tower.vision_model."):]
         return k
-    if layout in ("E", "gamma_mod"):
+    if layout in HR_LAYOUTS:
+        if key.startswith(HR_SLOW_HEAD):
+            return None
+        if key.startswith(HR_FAST):
+            return "vision_tower." + key[len(HR_FAST):]
+        if key.startswith(HR_MULTIPATH):
+            return key[len("model."):]
+        if key.startswith("model.vision_tower."):  # not a multi-path tower key: reported as unexpected
+            return "vision_tower.?" + key
+    if layout in ORIGINAL_LAYOUTS:
         if key.startswith("model.vision_tower.vision_tower.vision_model."):
             return "vision_tower." + key[len("model.vision_tower.vision_tower.vision_model."):]
         if key.startswith("model.mm_projector."):
@@ -240,7 +286,14 @@ def canonical_clip_key(key: str) -> str | None:
 
 
 def to_layout_key(canonical: str, layout: str) -> str:
-    """Canonical key -> the on-disk name in layout D (HF export) or gamma_mod/E (original export)."""
+    """Canonical key -> the on-disk name in layout D (HF export), gamma_mod/E (original export) or
+    E_hr/gamma_mod_hr (LLaVA-HR export)."""
+    if layout in HR_LAYOUTS:
+        if canonical.startswith(tuple(k[len("model."):] for k in HR_MULTIPATH)):
+            return "model." + canonical
+        if canonical.startswith("vision_tower."):
+            return HR_FAST + canonical[len("vision_tower."):]
+        return to_layout_key(canonical, "E")
     if layout == "D":
         if canonical.startswith("language_model."):
             return "language_model.model." + canonical[len("language_model."):]
@@ -261,7 +314,7 @@ def to_layout_key(canonical: str, layout: str) -> str:
 
 def export_key(config: ModelConfig, canonical: str, layout: str) -> str:
     """`to_layout_key`, except that an original-LLaVA `linear` projector is a bare nn.Linear."""
-    if layout in ("E", "gamma_mod") and config.projector.type == "linear" and canonical.startswith(
+    if layout in ORIGINAL_LAYOUTS and config.projector.type == "linear" and canonical.startswith(
             "multi_modal_projector.linear_1."):
         return "model.mm_projector." + canonical.rsplit(".", 1)[1]
     return to_layout_key(canonical, layout)
@@ -500,12 +553,40 @@ def layer_count_problems(config: ModelConfig, canonical_keys: Iterable[str]) -> 
             continue
         problems.append(f"config.json says {field}={configured} but the checkpoint {held} (the config contradicts "
                         "the weights)")
+    if config.vision.tower == "multipath" and config.vision.slow is not None:
+        slow_problems, slow_bounded = _slow_depth_problems(config.vision.slow.depths, keys, bound)
+        problems += slow_problems
+        bounded = bounded and slow_bounded
     return problems, bounded
+
+
+def _slow_depth_problems(depths: tuple[int, ...], keys: list[str], bound: int) -> tuple[list[str], bool]:
+    """LLaVA-HR's ConvNeXt stage depths against the block indices in the key names (the same
+    guard as the layer counts: the expected-key table grows with the depths)."""
+    found: dict[int, set[int]] = collections.defaultdict(set)
+    for c in keys:
+        m = SLOW_BLOCK_RE.match(c)
+        if m:
+            found[int(m.group(1))].add(int(m.group(2)))
+    bounded = len(depths) <= bound and all(d <= bound for d in depths)
+    if max(found, default=0) >= bound:
+        return [f"the checkpoint names ConvNeXt slow tower stage {max(found)} but holds only {len(keys)} tensors"], \
+            bounded
+    held = tuple(max(found[i]) + 1 if i in found else 0 for i in range(max(found, default=-1) + 1))
+    if held != depths:
+        return [f"config.json gives the ConvNeXt slow tower stage depths {list(depths)} but the checkpoint's "
+                f"slow_vision_tower.vision_tower.stages.S.blocks.B keys give {list(held)} (the config contradicts "
+                "the weights)"], bounded
+    if not bounded:
+        deepest = max((k for k in keys if SLOW_BLOCK_RE.match(k)), key=lambda k: int(SLOW_BLOCK_RE.match(k).group(2)))
+        return [f"the ConvNeXt slow tower's stage depths {list(depths)} exceed the {len(keys)} tensors the checkpoint "
+                f"holds (block index of model.{deepest})"], False
+    return [], True
 
 
 def _source_name(config: ModelConfig, canonical: str, layout: str) -> str:
     """Name a missing canonical key the way the user's files would spell it."""
-    if layout in ("E", "gamma_mod"):
+    if layout in ORIGINAL_LAYOUTS:
         return export_key(config, canonical, layout)
     return {"A": _to_a, "B": _to_b, "C": _to_c, "D": lambda c: to_layout_key(c, "D")}[layout](canonical)
 

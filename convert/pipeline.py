@@ -64,7 +64,7 @@ def open_source(src: str | os.PathLike, vision_tower: str | os.PathLike | None =
         raise ConversionError(f"{src}: source must be a checkpoint directory (config.json + weights)")
     main = CheckpointReader(src)
     keymap.check_supported(main.entries)  # name an unsupported family before config details
-    source_config = hf_config.read_source_config(src, vision_tower)
+    source_config = hf_config.read_source_config(src, vision_tower, {k: e.shape for k, e in main.entries.items()})
     layout = keymap.detect_layout(main.entries, source_config.kind)
     tower = CheckpointReader(vision_tower) if vision_tower is not None else None
     plan = keymap.build_plan(source_config.model, main, layout, tower, dtype)

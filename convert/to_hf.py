@@ -1,4 +1,4 @@
-"""`python -m convert.to_hf --src CKPT --out DIR [--format hf|gamma_mod] [--max-shard-size 5GB]`
+"""`python -m convert.to_hf --src CKPT --out DIR [--format hf|gamma_mod|llava_hr|gamma_mod_hr] [--max-shard-size 5GB]`
 
 Flax -> PyTorch export of a gmod-jax checkpoint:
   hf         transformers 5.x `LlavaForConditionalGeneration` directory (config.json with full
@@ -7,6 +7,13 @@ Flax -> PyTorch export of a gmod-jax checkpoint:
              model.vision_tower.vision_tower.vision_model.*, and the shared router stored once as
              model.layers.<first MoD layer>.router.weight (what a safetensors save of the
              official code keeps).
+  llava_hr   LLaVA-HR (`llava`, is_multipath_encoder) directory: original-LLaVA keys, the CLIP
+             fast path under model.vision_tower.fast_vision_tower.vision_tower.vision_model.*, the
+             ConvNeXt slow trunk under model.vision_tower.slow_vision_tower.vision_tower.* (without
+             the unused classifier head, which the importer drops), the MR-adapters and fusion
+             under model.vision_tower.align_stages{_latent}.*.
+  gamma_mod_hr  γ-MoD-LLaVA-HR (`mod_llava_llama` + multi-path tower): llava_hr's keys and the
+             shared router stored once, as gamma_mod.
 Tensors keep their dtype and values bit for bit; the key map is the same table the importer uses.
 """
 
@@ -29,7 +36,7 @@ from gmod_jax.checkpoint import copy_tokenizer_files, flatten, load_checkpoint
 from convert.readers import write_sharded_safetensors
 from gmod_jax.config import ModelConfig
 
-FORMATS = ("hf", "gamma_mod")
+FORMATS = ("hf", "gamma_mod", "llava_hr", "gamma_mod_hr")
 
 
 def torch_tensors(config: ModelConfig, params: dict, layout: str) -> Iterator[tuple[str, np.ndarray]]:
@@ -79,9 +86,12 @@ def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "hf", max_
         if not 0 <= config.image_token_index < config.text.vocab_size:
             print(f"warning: image_token_index {config.image_token_index} is outside the vocabulary; HF LLaVA needs "
                   "an in-vocab <image> token to run multimodal inputs", file=sys.stderr)
-    else:
+    elif fmt == "gamma_mod":
         config_json = hf_config.to_gamma_mod_config(config, extras)
         layout = "gamma_mod"
+    else:
+        config_json = hf_config.to_llava_hr_config(config, extras, gamma_mod=fmt == "gamma_mod_hr")
+        layout = {"llava_hr": "E_hr", "gamma_mod_hr": "gamma_mod_hr"}[fmt]
     config_json["transformers_version"] = "5.24.0" if fmt == "hf" else "4.31.0"
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")

@@ -309,6 +309,27 @@ def to_dtype(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
 
 
+def patch_gamma_mod(layers, router: torch.Tensor, mod_layers) -> dict:
+    """γ-MoD inference on transformers' Llama for the all-tokens-kept case: p = softmax(router(
+    input_layernorm(h)))[..., 1] per MoD layer of the decoder `layers`, and that layer's MLP output
+    multiplied by p. Returns {layer: p of the last forward}."""
+    state = {}
+    for i in mod_layers:
+        layer = layers[i]
+
+        def pre_hook(module, args, kwargs, i=i):
+            h = args[0] if args else kwargs["hidden_states"]
+            logits = module.input_layernorm(h) @ router.T
+            state[i] = torch.softmax(logits.float(), dim=-1)[..., 1]
+
+        def mlp_hook(module, args, output, i=i):
+            return output * state[i][..., None].to(output.dtype)
+
+        layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        layer.mlp.register_forward_hook(mlp_hook)
+    return state
+
+
 # ----------------------------------------------------------------------------------------------
 # inputs
 

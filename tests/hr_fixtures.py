@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig as HFLlamaConfig, LlamaForCausalLM
 
 from gmod_jax.config import ConvNeXtConfig
 
@@ -266,6 +267,45 @@ class MultiPathTower(nn.Module):
         return self.align_stages[0](y, slow)
 
 
+def reference_tower(cfg, seed=0, adapters=True) -> MultiPathTower:
+    """The multi-path tower of `cfg` (transformers CLIP + the trunk and fusion modules above),
+    every weight random: adapter projections and layer scales included."""
+    v = cfg.vision
+    torch.manual_seed(seed)  # CLIP's own init, then perturbed
+    clip = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
+        hidden_act=v.hidden_act, layer_norm_eps=v.layer_norm_eps, attn_implementation="eager"))
+    perturb_(clip, seed)
+    slow = randomize_(ConvNeXtTrunk(v.slow), seed + 1)
+    tower = MultiPathTower(clip, slow, v.input_image_size, v.fast_image_size, adapters)
+    for i, module in enumerate([*(tower.align_stages_latent or []), *tower.align_stages]):
+        randomize_(module, seed + 2 + i, scale=0.3)
+    return tower.eval()
+
+
+def tiny_llama(cfg, seed=0) -> LlamaForCausalLM:
+    t = cfg.text
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(HFLlamaConfig(
+        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+        rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta, max_position_embeddings=t.max_position_embeddings,
+        tie_word_embeddings=False, attn_implementation="eager"))
+    return perturb_(model, seed, 0.02).eval()
+
+
+def reference_logits(cfg, tower, projector, llama, ids: np.ndarray, pixels: np.ndarray):
+    """(tower features, logits) of the reference LLaVA-HR: projected features spliced in place
+    of the ids equal to `cfg.image_token_index` (pixels NCHW)."""
+    with torch.no_grad():
+        feats = tower(torch.tensor(pixels))
+        is_image = torch.tensor(ids == cfg.image_token_index)
+        embeds = llama.model.embed_tokens(torch.tensor(np.where(ids == cfg.image_token_index, 0, ids)))
+        embeds[is_image] = projector(feats).reshape(-1, cfg.text.hidden_size)
+        return feats.numpy(), llama(inputs_embeds=embeds).logits.numpy()
+
+
 # ----------------------------------------------------------------------------------------------
 # torch modules -> Flax tree
 
@@ -308,3 +348,66 @@ def canonical_params(config, canonical: dict, root: str) -> dict:
     for path, layers in stacks.items():
         _set(tree, "/".join(path), np.stack([layers[i] for i in sorted(layers)]))
     return tree
+
+
+# ----------------------------------------------------------------------------------------------
+# official LLaVA-HR / γ-MoD-LLaVA-HR checkpoints (llava-hr-and-mgm.md §2.2-2.3)
+
+FAST = "model.vision_tower.fast_vision_tower.vision_tower.vision_model."
+SLOW = "model.vision_tower.slow_vision_tower.vision_tower."
+HEAD_CLASSES = 1000  # the default timm tag's ImageNet head (llava-hr-and-mgm.md §0.1), never used
+
+
+def official_state_dict(tower: MultiPathTower, projector: nn.Module, llama: LlamaForCausalLM, seed: int = 0,
+                        head: bool = True) -> dict[str, torch.Tensor]:
+    """The reference model under the official keys, written out here independently of
+    `convert.keymap`: CLIP under FAST (+ its legacy `position_ids` buffer), the ConvNeXt under
+    SLOW with the vendored copy's `weight` layer-scale name and a classifier head of another
+    shape than any trunk tensor, adapters and fusion, `mm_projector`, Vicuna keys."""
+    sd = {FAST + k: v for k, v in tower.clip.state_dict().items()}
+    sd[FAST + "embeddings.position_ids"] = torch.arange(tower.clip.embeddings.position_embedding.num_embeddings)[None]
+    for k, v in tower.slow.state_dict().items():
+        sd[SLOW + (k[:-len("gamma")] + "weight" if k.endswith(".gamma") else k)] = v
+    if head:
+        c = tower.slow.stages[-1].blocks[0].norm.normalized_shape[0]
+        g = torch.Generator().manual_seed(seed)
+        for name, shape in (("head.norm.weight", (c,)), ("head.norm.bias", (c,)), ("head.pre_logits.fc.weight", (c, c)),
+                            ("head.pre_logits.fc.bias", (c,)), ("head.fc.weight", (HEAD_CLASSES, c)),
+                            ("head.fc.bias", (HEAD_CLASSES,))):
+            sd[SLOW + name] = torch.randn(shape, generator=g)
+    sd.update({"model.vision_tower." + k: v for k, v in tower.state_dict().items() if k.startswith("align_stages")})
+    sd.update({"model.mm_projector." + k: v for k, v in projector.state_dict().items()})
+    sd.update(llama.state_dict())
+    return {k: v.detach().clone().contiguous() for k, v in sd.items()}
+
+
+def official_config(cfg, mod_layers: list[int] | None = None, slow_name: str = "convnext_large_mlp.clip_laion2b_ft_320",
+                    adapters: bool = True) -> dict:
+    """config.json of LLaVA-HR (`llava`) or, with `mod_layers`, γ-MoD-LLaVA-HR (`mod_llava_llama`):
+    flat Llama fields and the official multi-path fields (§2.2). The tiny CLIP's head count is the
+    one thing neither the weights nor the OpenAI CLIP name tell, so it travels in
+    `mm_vision_config` (the field the project's exporter writes)."""
+    t, v = cfg.text, cfg.vision
+    out = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "vocab_size": t.vocab_size,
+           "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_layers,
+           "num_attention_heads": t.num_heads, "num_key_value_heads": t.num_kv_heads, "rms_norm_eps": t.rms_norm_eps,
+           "max_position_embeddings": t.max_position_embeddings, "hidden_act": "silu", "torch_dtype": "float32",
+           "pad_token_id": 0, "transformers_version": "4.31.0",
+           "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_vision_config": {"num_attention_heads": v.num_heads},
+           "vision_tower_slow": slow_name, "is_multipath_encoder": True, "input_image_size": v.input_image_size,
+           "freeze_vision": not adapters, "mm_hidden_size": v.hidden_size, "mm_projector_type": "mlp2x_gelu",
+           "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad",
+           "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "tune_mm_mlp_adapter": False,
+           "freeze_mm_mlp_adapter": False, "use_mm_proj": True, "image_grid_pinpoints": None, "delay_load": False}
+    if mod_layers is not None:
+        out.update(architectures=["MoDLLaVALlamaForCausalLM"], model_type="mod_llava_llama",
+                   mod={"mod_enable": True, "mod_mode": "arank_mod", "mod_layers_idx": list(mod_layers),
+                        "capacity_factor": 0.5, "router_aux_loss_coef": 0.01})
+    return out
+
+
+def with_router(sd: dict[str, torch.Tensor], router: torch.Tensor, mod_layers: list[int], container: str) -> dict:
+    """γ-MoD's one shared router: under every MoD layer's name, one storage, in a 4.31 `.bin`;
+    only the first name in a 4.36 safetensors save (checkpoint-formats.md §5.3)."""
+    names = mod_layers if container == "bin" else mod_layers[:1]
+    return {**sd, **{f"model.layers.{i}.router.weight": router for i in names}}

@@ -10,7 +10,7 @@ import torch
 
 from convert import pipeline
 from convert.__main__ import main as convert_main
-from convert.errors import ConversionError, UnsupportedFormatError
+from convert.errors import ConversionError
 from tests import hf_fixtures as fx
 
 
@@ -172,7 +172,6 @@ def test_original_layout_without_tower(tmp_path, tiny, capsys):
 
 
 @pytest.mark.parametrize("patch,what", [
-    ({"is_multipath_encoder": True, "vision_tower_slow": "convnext_large_mlp.clip_laion2b_ft_320"}, "LLaVA-HR"),
     ({"mm_vision_tower_aux": "openclip-convnext-large-d-320"}, "Mini-Gemini"),
     ({"mm_patch_merge_type": "spatial_unpad"}, "LLaVA-1.6"),
 ])
@@ -186,12 +185,18 @@ def test_unsupported_families_are_named(tmp_path, tiny, capsys, patch, what):
         pipeline.load_params(src)
 
 
-def test_unsupported_tower_keys_without_config_flags(tmp_path, tiny):
+def test_llava_hr_config_or_keys_without_the_rest_of_the_tower(tmp_path, tiny, capsys):
+    """LLaVA-HR is recognised by its config flag or by its tower's keys (the config may lack the
+    flag); a checkpoint that has only one of the two names what is missing."""
     spec, sd = tiny
+    hr_config = {**fx.config_original(spec), "is_multipath_encoder": True, "input_image_size": 1024}
+    _cli_fails(tmp_path, _write(tmp_path, spec, sd, hr_config, layout="E"),
+               "missing key model.vision_tower.fast_vision_tower.vision_tower.vision_model.embeddings.patch_embedding"
+               ".weight (the tower's geometry is read from it)", capsys=capsys)
     e = fx.rename(sd, "E")
     e["model.vision_tower.slow_vision_tower.vision_tower.stem.0.weight"] = torch.zeros(4, 3, 4, 4)
     src = _write(tmp_path, spec, e, fx.config_original(spec), layout=None)
-    with pytest.raises(UnsupportedFormatError, match="LLaVA-HR multi-path vision tower weights"):
+    with pytest.raises(ConversionError, match="input_image_size is missing"):
         pipeline.load_params(src)
 
 

@@ -96,27 +96,6 @@ def test_original_layout_logits_via_orbax(tmp_path):
     assert diff <= TOL, f"max |logit diff| {diff:.2e}"
 
 
-def _patch_gamma_mod(model, router: torch.Tensor, mod_layers):
-    """γ-MoD inference on transformers' Llama for the all-tokens-kept case: p = softmax(router(
-    input_layernorm(h)))[..., 1] per MoD layer, and that layer's MLP output multiplied by p."""
-    state = {}
-    layers = model.model.language_model.layers
-    for i in mod_layers:
-        layer = layers[i]
-
-        def pre_hook(module, args, kwargs, i=i):
-            h = args[0] if args else kwargs["hidden_states"]
-            logits = module.input_layernorm(h) @ router.T
-            state[i] = torch.softmax(logits.float(), dim=-1)[..., 1]
-
-        def mlp_hook(module, args, output, i=i):
-            return output * state[i][..., None].to(output.dtype)
-
-        layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        layer.mlp.register_forward_hook(mlp_hook)
-    return state
-
-
 @pytest.mark.parametrize("container", ["bin", "safetensors"])
 def test_gamma_mod_logits_match_reference(tmp_path, container):
     spec = fx.Spec(name="mod", layers=4)
@@ -125,7 +104,7 @@ def test_gamma_mod_logits_match_reference(tmp_path, container):
     model.set_attn_implementation("eager")
     src = tmp_path / "src"
     router = fx.write_gamma_mod(fx.state_dict_c(model), spec, src, mod_layers, container, shards=2)
-    probs = _patch_gamma_mod(model, router, mod_layers)
+    probs = fx.patch_gamma_mod(model.model.language_model.layers, router, mod_layers)
     theirs, ids, mask, pixels = _hf_logits(model, spec)
     for i in mod_layers:  # the reference below is exact only if the threshold rule keeps all tokens
         assert float(probs[i][mask.astype(bool)].min()) > 0.005

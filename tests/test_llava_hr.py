@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig as HFLlamaConfig, LlamaForCausalLM
 
 import gmod_jax
 from gmod_jax import config as C
@@ -31,21 +30,6 @@ from tests import hr_fixtures as hr
 # where one float32 ulp is ~8e-6. Logits (O(1) here): absolute.
 FEATURE_TOL = 1e-5
 LOGIT_TOL = 1e-4
-
-
-def _reference_tower(cfg, seed=0, adapters=True):
-    v = cfg.vision
-    torch.manual_seed(seed)  # CLIP's own init, then perturbed
-    clip = CLIPVisionModel(CLIPVisionConfig(
-        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
-        num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
-        hidden_act=v.hidden_act, layer_norm_eps=v.layer_norm_eps, attn_implementation="eager"))
-    hr.perturb_(clip, seed)
-    slow = hr.randomize_(hr.ConvNeXtTrunk(v.slow), seed + 1)
-    tower = hr.MultiPathTower(clip, slow, v.input_image_size, v.fast_image_size, adapters)
-    for i, module in enumerate([*(tower.align_stages_latent or []), *tower.align_stages]):
-        hr.randomize_(module, seed + 2 + i, scale=0.3)
-    return tower.eval()
 
 
 def _pixels(cfg, batch=2, seed=0):
@@ -72,7 +56,7 @@ def test_vision_features_match_torch_at_real_sizes(size, fast, resampled, adapte
     cfg = _real_geometry(size, adapters)
     v = cfg.vision
     assert v.fast_image_size == fast and (v.token_grid != 24) == resampled and v.slow_grid == v.token_grid
-    tower = _reference_tower(cfg, adapters=adapters)
+    tower = hr.reference_tower(cfg, adapters=adapters)
     x = _pixels(cfg, batch=1)
     with torch.no_grad():
         theirs = tower(torch.tensor(x)).numpy()
@@ -140,24 +124,13 @@ def test_position_table_resample_is_antialiased_bicubic():
     assert got.shape == (1024, 8) and float(np.max(np.abs(got - want))) <= 2e-6
 
 
-def _tiny_llama(cfg, seed=0):
-    t = cfg.text
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(HFLlamaConfig(
-        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
-        rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta, max_position_embeddings=t.max_position_embeddings,
-        tie_word_embeddings=False, attn_implementation="eager"))
-    return hr.perturb_(model, seed, 0.02).eval()
-
-
 def test_full_model_logits_match_torch():
     """S = 96, LLaVA-HR's 1024: position table resampled 4 -> 6, 36 image tokens. The tower's
     features (<= 1e-5) and the logits (<= 1e-4) both match."""
     cfg = C.tiny_hr()
     assert cfg.vision.token_grid != cfg.vision.image_size // cfg.vision.patch_size
-    tower = _reference_tower(cfg, seed=4)
-    llama = _tiny_llama(cfg, seed=5)
+    tower = hr.reference_tower(cfg, seed=4)
+    llama = hr.tiny_llama(cfg, seed=5)
     d, h = cfg.vision.hidden_size, cfg.text.hidden_size
     projector = hr.randomize_(torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.GELU(), torch.nn.Linear(h, h)), 6,
                               scale=0.1)
@@ -166,13 +139,7 @@ def test_full_model_logits_match_torch():
     ids = np.concatenate([[[1]] * 2, rng.integers(3, 100, (2, 4)), np.full((2, n), cfg.image_token_index),
                           rng.integers(3, 100, (2, 5))], axis=1).astype(np.int64)
     x = _pixels(cfg, seed=8)
-    with torch.no_grad():
-        tower_feats = tower(torch.tensor(x))
-        feats = projector(tower_feats)
-        is_image = torch.tensor(ids == cfg.image_token_index)
-        embeds = llama.model.embed_tokens(torch.tensor(np.where(ids == cfg.image_token_index, 0, ids)))
-        embeds[is_image] = feats.reshape(-1, h)
-        theirs = llama(inputs_embeds=embeds).logits.numpy()
+    tower_feats, theirs = hr.reference_logits(cfg, tower, projector, llama, ids, x)
 
     llm_sd = {k.replace("model.", "language_model.", 1): v for k, v in llama.state_dict().items()}
     proj_sd = {f"multi_modal_projector.linear_{i}.{w}": projector.state_dict()[f"{j}.{w}"]
@@ -189,7 +156,7 @@ def test_full_model_logits_match_torch():
                                      method=lambda m, i, x: (m.vision(x), m(i, x)["logits"]))
 
     got_feats, logits = ours(params, jnp.asarray(ids, jnp.int32), jnp.asarray(x.transpose(0, 2, 3, 1)))
-    assert _max_rel(got_feats, tower_feats.numpy()) <= FEATURE_TOL
+    assert _max_rel(got_feats, tower_feats) <= FEATURE_TOL
     diff = float(np.max(np.abs(np.asarray(logits) - theirs)))
     assert diff <= LOGIT_TOL, f"max |logit diff| {diff:.2e}"
 
