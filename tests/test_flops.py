@@ -32,6 +32,28 @@ def test_paper_tflops_reproduced(name, skip, expected):
     assert round(F.paper_model_tflops(name, skip), 2) == expected
 
 
+# The paper's TFLOPs columns as printed (1 decimal) for the base models with released γ-MoD
+# checkpoints: (preset, sequence length of the paper's formula, [(average skip, TFLOPs)]).
+PRINTED = [
+    (lambda: C.llava_hr_7b(), 1400, [(0.0, 19.2), (0.577, 9.3), (0.379, 12.6)]),
+    (lambda: C.mgm_hd_7b(), 4000, [(0.0, 60.2), (0.581, 27.8), (0.362, 39.4)]),
+    (lambda: C.llava_hr_13b(), 1400, [(0.0, 37.1), (0.551, 18.4), (0.349, 25.1)]),
+]
+
+
+@pytest.mark.parametrize("preset,seq_len,rows", PRINTED, ids=["llava-hr-7b", "mgm-hd-7b", "llava-hr-13b"])
+def test_paper_tflops_from_the_presets(preset, seq_len, rows):
+    """The printed TFLOPs follow from the presets' own widths and γ-MoD layer split (official
+    placement: 4 dense layers, 28 MoD at 32 layers, 36 at 40), not just from `PAPER_MODELS`.
+    The paper rounds twice, to 2 decimals and then to 1: 13B at skip 0.551 gives 18.346, i.e.
+    18.35 (reference notes §5), printed 18.4."""
+    mod = C.gamma_mod(preset())
+    t, n_mod = mod.text, len(mod.mod_layers)
+    for skip, printed in rows:
+        value = F.paper_tflops(seq_len, t.hidden_size, t.intermediate_size, t.num_layers - n_mod, n_mod, skip)
+        assert round(round(value, 2), 1) == printed, (skip, value)
+
+
 def test_paper_all_layers_mod_row():
     assert round(F.paper_model_tflops("llava-hr-7b", 0.347, all_mod=True), 2) == 12.28
 
