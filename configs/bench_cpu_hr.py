@@ -15,6 +15,8 @@ multiplies dominate on a 2-core CPU:
   layers 1..7. The official rule (all but 0, 1, 2, L-1) would leave 4 of 8 at this depth.
 * Routing: capacity rule at ratio 0.5 over system + image (official masking): 529 of 1088 tokens
   skipped per MoD layer (skip 0.486), exactly, even with random weights.
+* `train_step` trains projector + LLM with the tower frozen, the benchmark's rule for every
+  config (γ-MoD-LLaVA-HR's SFT also trains the towers: configs/gamma_mod_llava_hr_7b.py).
 * No PyTorch baseline: transformers has no LLaVA-HR model. `image_token_index` -200 is
   LLaVA-HR's placeholder.
 """

@@ -7,8 +7,9 @@ placement (28 MoD layers: 3..30) at routing ratio 0.5 with the capacity rule ove
 (the project's default span). 35 system + 2880 image + 1085 question tokens = 4000, the sequence
 length of the paper's TFLOPs formula (`gmod_jax.flops.paper_model_tflops("mgm-hd-7b")`: 60.2
 dense), inside the preset's `tokenizer_model_max_length` 4096. Prefill at batch 1 and 4, decode
-of 32 tokens at batch 1 and 4 (batch 8 would hold 8 aux feature maps of 2880 x 384 x 384 and
-a 17 GB KV cache next to the weights); no XLA counts, no PyTorch baseline.
+of 32 tokens at batch 1 and 4: each image's aux feature map alone is 2880 x 384 x 384 values
+(0.85 GB in bf16), and a batch-4 prefill already runs 4x the tokens of LLaVA-HR's batch 4; no XLA
+counts, no PyTorch baseline.
 """
 
 from gmod_jax import config as C
