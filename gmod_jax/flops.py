@@ -196,7 +196,10 @@ def _resize_flops(n_in: int, n_out: int, channels: int) -> float:
 def multipath_flops(config: ModelConfig) -> float:
     """LLaVA-HR's tower per image (`gmod_jax.models.multipath`): the fast-input resize, the CLIP
     on the fast grid (all layers, no CLS), the ConvNeXt on the S x S image, the three
-    MR-adapters (when present) and the final fusion, with their slow-to-fast upsampling."""
+    MR-adapters (when present) and the final fusion, with their slow-to-fast upsampling. The
+    position-table resample runs once per forward, not per image, and is left out."""
+    from gmod_jax.models.multipath import ADAPTER_KERNEL, N_ADAPTERS
+
     v = config.vision
     d, c, n, slow = v.hidden_size, v.slow.width, v.num_image_tokens, v.slow_grid
     total = _clip_flops(config, n, cls=False, layers=v.num_layers)
@@ -205,11 +208,11 @@ def multipath_flops(config: ModelConfig) -> float:
     total += convnext_flops(v.slow, v.pixel_size, v.num_channels)
     upsample = slow < v.token_grid
     if v.latent_adapters:
-        k = 7  # models.multipath.ADAPTER_KERNEL
-        per = 2.0 * (slow * slow * (c * c + c * d) + n * (k * k * d + d * d) + 2 * d * d // 2 + d // 2)
+        k = ADAPTER_KERNEL  # slow conv + projection, fast depthwise conv + projection, pooled gate MLP
+        per = 2.0 * (slow * slow * (c * c + c * d) + n * (k * k * d + d * d) + 2 * d * (d // 2) + d // 2)
         if upsample:
             per += _resize_flops(slow, v.token_grid, d)
-        total += 3 * per
+        total += N_ADAPTERS * per
     total += 2.0 * n * (d * d + c * d) + (_resize_flops(slow, v.token_grid, c) if upsample else 0.0)
     return total
 

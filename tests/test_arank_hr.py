@@ -33,7 +33,7 @@ STAGE1_SIZE = 32  # tiny_hr's stage-1 geometry (LLaVA-HR's S = 384)
 def hr_stage1(tmp_path_factory):
     root = tmp_path_factory.mktemp("hr_stage1")
     vision = dataclasses.replace(C.tiny_hr(STAGE1_SIZE).vision, latent_adapters=False)
-    return make_tiny_checkpoint(root, num_samples=4, transform_params=_self_attending, vision=vision), root
+    return make_tiny_checkpoint(root, num_samples=4, transform_params=_self_attending, vision=vision)
 
 
 def _prompt(model, paths):
@@ -47,7 +47,7 @@ def _prompt(model, paths):
 
 @pytest.mark.slow
 def test_arank_then_to_mod_on_llava_hr_stage1(hr_stage1, tmp_path):
-    paths, _ = hr_stage1
+    paths = hr_stage1
     stage1 = gmod_jax.load(paths["ckpt"])
     assert stage1.config.vision.tower == "multipath" and "adapters" not in stage1.params["vision"]
     # Preprocessing follows the checkpoint: S x S pixels, not the CLIP's native size.
