@@ -5,8 +5,9 @@
     python -m convert.to_mod --src DENSE_CKPT --out DIR --placement every_2nd
 
 The layer params are untouched (the param tree does not depend on MoD placement); the only new
-param is the router, initialised as the official code does (PyTorch `nn.Linear` default,
-kaiming-uniform; `--router-init xavier_uniform` for the MGM variant).
+param is the router, initialised as the official code does: PyTorch `nn.Linear` default
+(kaiming-uniform) for LLaVA / LLaVA-HR, xavier-uniform for a Mini-Gemini checkpoint (vision tower
+"mgm"), unless `--router-init` says otherwise.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--routing-ratio", type=float, default=0.5)
     ap.add_argument("--masking", default="official", help="official | none | question | question_answer")
     ap.add_argument("--per-layer-router", action="store_true", help="the 'not shared' ablation")
-    ap.add_argument("--router-init", default="kaiming_uniform", choices=["kaiming_uniform", "xavier_uniform"])
+    ap.add_argument("--router-init", default=None, choices=["kaiming_uniform", "xavier_uniform"],
+                    help="default: xavier_uniform for a Mini-Gemini checkpoint (as its code), else kaiming_uniform")
     ap.add_argument("--router-aux-loss-coef", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -87,9 +89,10 @@ def main(argv=None) -> int:
             layers = parse_layers(args.layers)
         else:
             layers = mod_layer_indices(args.placement, config.text.num_layers)
+        router_init = args.router_init or ("xavier_uniform" if config.vision.tower == "mgm" else "kaiming_uniform")
         new_config, new_params = adapt(
             config, params, layers, seed=args.seed, routing_ratio=args.routing_ratio, masking=args.masking,
-            shared_router=not args.per_layer_router, router_init=args.router_init,
+            shared_router=not args.per_layer_router, router_init=router_init,
             router_aux_loss_coef=args.router_aux_loss_coef)
         save_checkpoint(args.out, new_params, new_config, tokenizer_src_dir=args.src)
     except (ConversionError, ValueError, FileNotFoundError, FileExistsError) as e:

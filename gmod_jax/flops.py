@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -151,14 +152,92 @@ def attention_flops(config: ModelConfig, n_q: float, n_kv: float, attention: str
 
 
 def vision_flops(config: ModelConfig, images: int, attention: str = "blocked") -> float:
-    """CLIP tower up to the deepest feature layer used (layers after it never run)."""
+    """The vision tower `config.vision.tower` names, for `images` images: the CLIP up to the
+    deepest feature layer used (layers after it never run); LLaVA-HR's multi-path tower
+    (`multipath_flops`); Mini-Gemini's views, aux tower and patch info mining (`mgm_flops`)."""
     v = config.vision
     _check_attention(attention)
-    n = v.num_patches + 1  # CLS + patches
-    patch = 2.0 * v.num_patches * v.patch_size ** 2 * v.num_channels * v.hidden_size
+    if v.tower == "multipath":
+        return images * multipath_flops(config)
+    if v.tower == "mgm":
+        return images * mgm_flops(config)
+    return images * _clip_flops(config, v.num_patches, cls=True, layers=max(v.feature_layers))
+
+
+def _clip_flops(config: ModelConfig, patches: int, cls: bool, layers: int) -> float:
+    """One CLIP run on `patches` patches (+ CLS): patch embedding and `layers` encoder layers."""
+    v = config.vision
+    n = patches + int(cls)
+    patch = 2.0 * patches * v.patch_size ** 2 * v.num_channels * v.hidden_size
     linear = 2.0 * n * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
     attn = 4.0 * n * n * v.hidden_size  # bidirectional: the full square is real work
-    return images * (patch + max(v.feature_layers) * (linear + attn))
+    return patch + layers * (linear + attn)
+
+
+def convnext_flops(convnext, side: int, in_channels: int) -> float:
+    """One ConvNeXt trunk (`gmod_jax.models.convnext`) on a side x side image: stem, downsample
+    convs, depthwise convs and the blocks' MLPs."""
+    c = convnext
+    grid = side // c.patch_size
+    macs = grid * grid * c.patch_size ** 2 * in_channels * c.dims[0]
+    for i, (depth, dim) in enumerate(zip(c.depths, c.dims)):
+        if i:
+            grid //= 2
+            macs += grid * grid * 4 * c.dims[i - 1] * dim
+        macs += depth * grid * grid * (c.kernel_size ** 2 * dim + 2 * c.mlp_ratio * dim * dim)
+    return 2.0 * macs
+
+
+def _resize_flops(n_in: int, n_out: int, channels: int) -> float:
+    """A separable square resize executed as two dense contractions (rows, then columns)."""
+    return 2.0 * channels * (n_out * n_in * n_in + n_out * n_out * n_in)
+
+
+def multipath_flops(config: ModelConfig) -> float:
+    """LLaVA-HR's tower per image (`gmod_jax.models.multipath`): the fast-input resize, the CLIP
+    on the fast grid (all layers, no CLS), the ConvNeXt on the S x S image, the three
+    MR-adapters (when present) and the final fusion, with their slow-to-fast upsampling. The
+    position-table resample runs once per forward, not per image, and is left out."""
+    from gmod_jax.models.multipath import ADAPTER_KERNEL, N_ADAPTERS
+
+    v = config.vision
+    d, c, n, slow = v.hidden_size, v.slow.width, v.num_image_tokens, v.slow_grid
+    total = _clip_flops(config, n, cls=False, layers=v.num_layers)
+    if v.fast_image_size != v.pixel_size:
+        total += _resize_flops(v.pixel_size, v.fast_image_size, v.num_channels)
+    total += convnext_flops(v.slow, v.pixel_size, v.num_channels)
+    upsample = slow < v.token_grid
+    if v.latent_adapters:
+        k = ADAPTER_KERNEL  # slow conv + projection, fast depthwise conv + projection, pooled gate MLP
+        per = 2.0 * (slow * slow * (c * c + c * d) + n * (k * k * d + d * d) + 2 * d * (d // 2) + d // 2)
+        if upsample:
+            per += _resize_flops(slow, v.token_grid, d)
+        total += N_ADAPTERS * per
+    total += 2.0 * n * (d * d + c * d) + (_resize_flops(slow, v.token_grid, c) if upsample else 0.0)
+    return total
+
+
+def mgm_flops(config: ModelConfig) -> float:
+    """Mini-Gemini's stack per image (`gmod_jax.models.mgm`): the CLIP views (resizes and one
+    CLIP run each), the aux ConvNeXt with its stage maps resized to stage 0's grid, the global
+    view's aux map, and patch info mining (query, key and value projections, logits, mixing)."""
+    v = config.vision
+    d, c_aux, views = v.hidden_size, v.mm_hidden_size_aux, v.num_views
+    tokens = v.num_patches
+    big = v.image_size * v.image_grid
+    total = _resize_flops(v.image_size_aux, big, v.num_channels)
+    if v.image_global:
+        total += _resize_flops(big, v.image_size, v.num_channels)
+    total += views * _clip_flops(config, tokens, cls=True, layers=max(v.feature_layers))
+    a = v.aux
+    side = v.image_size_aux // a.patch_size
+    total += convnext_flops(a, v.image_size_aux, v.num_channels)
+    total += sum(_resize_flops(side >> i, side, dim) for i, dim in enumerate(a.dims) if i)
+    if v.image_global:
+        total += _resize_flops(side, side // v.image_grid, c_aux)
+    cell = (side // v.image_grid // math.isqrt(tokens)) ** 2  # aux vectors per CLIP token
+    total += views * 2.0 * tokens * (d * d + 2 * cell * c_aux * d + 2 * cell * d)
+    return total
 
 
 def projector_flops(config: ModelConfig, images: int) -> float:

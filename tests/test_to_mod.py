@@ -56,3 +56,18 @@ def test_bad_inputs_leave_no_output(dense_ckpt, tmp_path, capsys):
     assert to_mod.main(["--src", str(src), "--out", str(out), "--layers", "1"]) == 0
     assert to_mod.main(["--src", str(out), "--out", str(tmp_path / "y"), "--layers", "1"]) == 2
     assert "already a γ-MoD" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def test_router_init_follows_the_base_model(tmp_path):
+    """A Mini-Gemini checkpoint gets MGM's xavier-uniform router (its code's init), a LLaVA one
+    PyTorch's default, unless --router-init says otherwise."""
+    mgm = gmod_jax.init_random(C.tiny_mgm(), seed=0)
+    save_checkpoint(tmp_path / "mgm", mgm.params, mgm.config)
+    assert to_mod.main(["--src", str(tmp_path / "mgm"), "--out", str(tmp_path / "a"), "--layers", "1-2"]) == 0
+    a = gmod_jax.load(tmp_path / "a")
+    assert a.config.mod.router_init == "xavier_uniform"
+    router = np.abs(np.asarray(a.params["llm"]["mod_router"]["kernel"]))
+    assert 1 / math.sqrt(64) < router.max() <= math.sqrt(6 / (64 + 2))  # beyond PyTorch's default bound
+    assert to_mod.main(["--src", str(tmp_path / "mgm"), "--out", str(tmp_path / "b"), "--layers", "1-2",
+                        "--router-init", "kaiming_uniform"]) == 0
+    assert gmod_jax.load(tmp_path / "b").config.mod.router_init == "kaiming_uniform"

@@ -17,18 +17,19 @@ from gmod_jax.data.tokenizer import train_sentencepiece
 
 
 def make_tiny_checkpoint(root: Path, mod_layers: tuple[int, ...] = (), num_samples: int = 12, seed: int = 0,
-                         transform_params=None):
+                         transform_params=None, vision: C.VisionConfig | None = None):
     """Write `root/data` (synthetic LLaVA JSON + PNGs), `root/tokenizer`, `root/ckpt`; return paths.
 
-    `transform_params(params) -> params` edits the random weights before saving."""
+    `transform_params(params) -> params` edits the random weights before saving; `vision`
+    replaces the tiny CLIP tower (e.g. `C.tiny_hr().vision` for a LLaVA-HR checkpoint)."""
     root = Path(root)
     syn_cfg = SyntheticConfig(image_size=56)
     data = write_synthetic_dataset(root / "data", num_train=num_samples, num_eval=num_samples, seed=seed,
                                    config=syn_cfg)
     tok = train_sentencepiece(synthetic_texts(200, seed, syn_cfg), root / "tokenizer", vocab_size=320)
     cfg = C.tiny(
-        vision=C.VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                              image_size=28, patch_size=14),
+        vision=vision or C.VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                                        image_size=28, patch_size=14),
         text=dataclasses.replace(C.tiny().text, vocab_size=tok.vocab_size),
         image_token_index=tok.image_token_id, pad_token_id=tok.pad_id)
     if mod_layers:
