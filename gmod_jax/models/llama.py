@@ -432,10 +432,11 @@ def decoder_walk(config: ModelConfig, layers, router, x, attention_mask, token_t
         parts = [p for p in parts if p]
         return jax.tree.map(lambda *a: jnp.concatenate(a), *parts) if parts else {}
 
-    both = set.intersection(*(set(ys) for _, ys in outputs)) if outputs else set()
+    # Only the attention summaries stack over every layer: a MoD layer's per-slot outputs (KV at
+    # its capacity) do not share the dense layers' shapes.
     return x, DecoderTrace(dense=stack([ys for is_mod, ys in outputs if not is_mod]),
                            mod=stack([ys for is_mod, ys in outputs if is_mod]),
-                           all=stack([{k: ys[k] for k in both} for _, ys in outputs]))
+                           all=stack([{k: v for k, v in ys.items() if k == "attn_summary"} for _, ys in outputs]))
 
 
 def decoder_forward(config: ModelConfig, layers, router, embeds, attention_mask, token_types,
