@@ -166,9 +166,7 @@ def run(cfg: TrainConfig, workdir: str | os.PathLike,
     pad_id = pad_id if pad_id is not None else (model.pad_token_id or 0)
     total_steps = cfg.total_steps(getattr(source, "num_examples", None))
 
-    schedule = opt.make_schedule(cfg.optim, total_steps)
-    tx = opt.make_optimizer(cfg.optim, total_steps)
-    spec = step_lib.make_state_spec(model, tx, schedule, cfg.optim, mesh)
+    spec = step_lib.make_run_spec(model, cfg.optim, total_steps, mesh)
     trainable = flops_lib.Trainable(**{part: any(p.startswith(part + "/") for p in spec.trainable)
                                        for part in ("vision", "projector", "llm")})
     ckpt = Checkpointer(workdir / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpointing)

@@ -85,6 +85,15 @@ def make_state_spec(model: ModelConfig, tx, schedule, optim_cfg, mesh) -> StateS
     return StateSpec(model, tx, schedule, trainable, mesh, abstract, shardings)
 
 
+def make_run_spec(model: ModelConfig, optim_cfg, total_steps: int, mesh) -> StateSpec:
+    """The state spec of a run of `total_steps` optimizer steps: AdamW (+ global-norm clip) on the
+    schedule and the trainable paths of `optim_cfg` (a `train.config.OptimConfig`). `python -m
+    train` and the benchmark's train-step rows both build their step from this."""
+    schedule = opt.make_schedule(optim_cfg, total_steps)
+    tx = opt.make_optimizer(optim_cfg, total_steps)
+    return make_state_spec(model, tx, schedule, optim_cfg, mesh)
+
+
 def make_init_params(spec: StateSpec):
     """Jitted fn(rng) -> params, created directly in their shardings. Kept apart from the
     optimizer init so that its (threefry-heavy, slow to compile) program is the same for every

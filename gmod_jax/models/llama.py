@@ -432,7 +432,9 @@ def decoder_walk(config: ModelConfig, layers, router, x, attention_mask, token_t
         parts = [p for p in parts if p]
         return jax.tree.map(lambda *a: jnp.concatenate(a), *parts) if parts else {}
 
-    both = set.intersection(*(set(ys) for _, ys in outputs)) if outputs else set()
+    # Only per-layer summaries line up across kinds: a MoD layer's k / v have its capacity's
+    # slots, not the sequence length, so they stay in `dense` / `mod`.
+    both = set.intersection(*(set(ys) for _, ys in outputs)) & {"attn_summary"} if outputs else set()
     return x, DecoderTrace(dense=stack([ys for is_mod, ys in outputs if not is_mod]),
                            mod=stack([ys for is_mod, ys in outputs if is_mod]),
                            all=stack([{k: ys[k] for k in both} for _, ys in outputs]))
