@@ -190,11 +190,11 @@ def _decode_step(config: ModelConfig, spec: CacheSpec, params, cache: KVCache, t
     dk, dv = cache.dense_k, cache.dense_v
     mk, mv, mvalid, mlen, mpos = cache.mod_k, cache.mod_v, cache.mod_valid, cache.mod_length, cache.mod_next_pos
     # The layer scans only READ the caches (closed over, never carried) and return the new
-    # token's keys/values; all of them are written after the last group. Updating a carried
-    # cache inside a scan made XLA copy the whole stacked cache for every layer and step, and
-    # writing after each group made it copy the stack once per group (a later group's scan
-    # still reads the array the write would overwrite). No layer reads this token's entry
-    # (its own key/value enter the attention directly), so deferring the writes is exact.
+    # token's keys/values; all of them are written after the last group, one update per cache.
+    # Updating a carried cache inside a scan made XLA copy the whole stacked cache for every
+    # layer and step; writing after each group interleaved writes with later groups' reads of
+    # the same array. No layer reads this token's entry (its own key/value enter the attention
+    # directly), so deferring the writes is exact.
     rows = jnp.arange(b)
     dense_kv, mod_out = [], []
     dense_i = mod_i = 0
@@ -245,11 +245,6 @@ def _decode_step(config: ModelConfig, spec: CacheSpec, params, cache: KVCache, t
         mod_out.append(out)
         mod_i += n
 
-    # The writes must come after every read of the caches: tying them to the final hidden state
-    # (which depends on every layer's attention) makes that a data dependency. Without it a
-    # layer XLA inlines (a one-layer group) could read the cache after its in-place update, so
-    # XLA copied the whole stack first.
-    x, dense_kv, mod_out = jax.lax.optimization_barrier((x, dense_kv, mod_out))
     dense_valid = cache.dense_valid.at[:, slot].set(True)
     if dense_kv:
         ks, vs = (jnp.concatenate(a) for a in zip(*dense_kv))  # [L_dense, B, 1, KV, hd]
