@@ -14,6 +14,9 @@ PyTorch baseline) stays within minutes:
   the skip ratio match the real model while the tower stays a small, MoD-untouched cost.
 * Routing: capacity rule at ratio 0.5 over system+image tokens (official masking): 305 of 640
   tokens skipped per MoD layer (skip 0.477), exactly, even with random weights.
+* Official-rule rows: the router is fitted (routing loss only, 40 Adam steps on the 5 prefill
+  prompts) so that the official threshold skips about the capacity rule's share; those rows run
+  the threshold rule with its capacity buckets (eighths of T).
 * `image_token_index` 31999 sits inside the 32000-token vocabulary, as HF LLaVA requires for
   the PyTorch baseline (random weights make the choice of id irrelevant otherwise).
 """
@@ -46,6 +49,8 @@ def get_config() -> BenchConfig:
             Case("train_step", 2, repeats=3),
         ),
         warmup=1,
+        official_rule_rows=True,
+        router_fit_steps=40,
         xla_flops=True,
         torch_baseline=True,
         torch_attention="sdpa",

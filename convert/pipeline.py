@@ -2,12 +2,15 @@
 
 `load_params` returns the whole tree in memory (one batch: every tensor is read once, shard by
 shard, into preallocated stacked leaves). `convert_checkpoint` writes an Orbax checkpoint in
-batches of at most `batch_bytes` of output leaves, each saved and freed before the next is read,
-so peak memory is about one batch (or the largest leaf) however large the model is.
+batches of at most `batch_bytes` of output leaves; a batch is written in the background while
+the next one is read and transformed, and freed once written, so peak memory is about two
+batches (or the largest leaf) however large the model is.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import os
 import time
@@ -71,11 +74,21 @@ def open_source(src: str | os.PathLike, vision_tower: str | os.PathLike | None =
     return Source(src, source_config, main, tower, plan)
 
 
+def _workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def materialize(leaves: list[keymap.LeafPlan]) -> dict[tuple[str, ...], np.ndarray]:
     """Read and transform the tensors of `leaves` into freshly allocated arrays.
 
     Tensors arrive in storage order; each is written straight into its slot of the preallocated
-    leaf (transpose / cast happen in that one copy), then dropped.
+    leaf (transpose / cast happen in that one copy), then dropped. The copies (most of them
+    transposes, the converter's main CPU cost) run on one thread per core while this thread
+    reads the next tensors: numpy releases the GIL for them, and every copy has its own
+    destination slot. At most two tensors per worker are pending, which bounds the extra memory.
     """
     out = {leaf.path: np.empty(leaf.shape, leaf.dtype) for leaf in leaves}
     requests: dict[int, tuple[CheckpointReader, dict[str, list]]] = {}
@@ -83,13 +96,28 @@ def materialize(leaves: list[keymap.LeafPlan]) -> dict[tuple[str, ...], np.ndarr
         for piece in leaf.pieces:
             reader, wanted = requests.setdefault(id(piece.reader), (piece.reader, {}))
             wanted.setdefault(piece.key, []).append((leaf, piece))
-    for reader, wanted in requests.values():
-        for key, tensor in reader.iter_tensors(list(wanted)):
-            for leaf, piece in wanted[key]:
-                array = out[leaf.path]
-                slot = array if piece.target.layer is None else array[piece.target.layer]
-                _assign(slot, piece.target.to_flax(tensor), key)
-            del tensor
+
+    def place(key, tensor, targets):
+        for leaf, piece in targets:
+            array = out[leaf.path]
+            slot = array if piece.target.layer is None else array[piece.target.layer]
+            _assign(slot, piece.target.to_flax(tensor), key)
+
+    workers = _workers()
+    pending: collections.deque[concurrent.futures.Future] = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="convert-copy") as pool:
+        try:
+            for reader, wanted in requests.values():
+                for key, tensor in reader.iter_tensors(list(wanted)):
+                    while len(pending) >= 2 * workers:
+                        pending.popleft().result()
+                    pending.append(pool.submit(place, key, tensor, wanted[key]))
+                    del tensor
+            while pending:
+                pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
     for leaf in leaves:
         if leaf.same_as_first:
             _check_identical(leaf)
@@ -189,8 +217,8 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, vision_to
             if log:
                 mb = sum(l.nbytes for l in group) / 2**20
                 log(f"batch {i + 1}/{len(groups)}: {len(group)} leaves, {mb:.1f} MiB")
-            flat = materialize(group)
-            writer.save_params(nest(flat))
+            flat = materialize(group)  # while the previous batch is still being written
+            writer.save_params(nest(flat), background=True)
             del flat
         writer.write_config(source.config)
         summary = source.describe()

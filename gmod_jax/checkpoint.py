@@ -92,6 +92,7 @@ class CheckpointWriter:
         self.overwrite = overwrite
         self.tmp: Path | None = None
         self._params_batches = 0
+        self._in_flight = None  # (Orbax async response, the params it writes)
 
     def __enter__(self) -> "CheckpointWriter":
         if self.out.exists() and not self.overwrite:
@@ -100,14 +101,30 @@ class CheckpointWriter:
         self.tmp = Path(tempfile.mkdtemp(prefix=self.out.name + ".tmp-", dir=self.out.parent))
         return self
 
-    def save_params(self, params: dict):
-        """Add a (partial) params tree; leaves must not repeat across calls."""
+    def save_params(self, params: dict, background: bool = False):
+        """Add a (partial) params tree; leaves must not repeat across calls.
+
+        `background`: return once the write has started; it runs while the caller prepares the
+        next batch (at most one write is in flight: the next save, and closing the writer, wait
+        for it). The arrays are not copied (`_save_context`), so the caller must not modify
+        them, only drop its references; the writer holds them until they are on disk."""
+        self.wait()
         if not params:
             return
         ocp = _ocp_v1()
         with _save_context(ocp):
-            ocp.partial.save(self.tmp / PARAMS_DIR, params)
+            response = ocp.partial.save_async(self.tmp / PARAMS_DIR, params)
+        self._in_flight = (response, params)
         self._params_batches += 1
+        if not background:
+            self.wait()
+
+    def wait(self):
+        """Block until the background write (if any) is on disk, and release its arrays."""
+        if self._in_flight is not None:
+            response, _ = self._in_flight
+            self._in_flight = None
+            response.result()
 
     def write_config(self, config: ModelConfig):
         (self.tmp / CONFIG_FILE).write_text(config.to_json() + "\n")
@@ -120,9 +137,14 @@ class CheckpointWriter:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
+            try:
+                self.wait()  # let a background write end before its directory goes
+            except Exception:  # noqa: BLE001 - the original exception is the one to report
+                pass
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
         try:
+            self.wait()
             if not self._params_batches:
                 raise ValueError("no params were saved")
             if not (self.tmp / CONFIG_FILE).is_file():

@@ -28,7 +28,8 @@ TINY_CONFIG = textwrap.dedent('''
         return BenchConfig(section="tiny", title="tiny test bench", model=model, placement="explicit",
                            mod_layers=(1,), system_tokens=3, question_tokens=9, answer_tokens=4,
                            cases=(Case("prefill", 1), Case("decode", 2, new_tokens=3), Case("train_step", 1)),
-                           warmup=0, repeats=1, xla_flops=False, torch_baseline=True, require_platform={platform!r})
+                           warmup=0, repeats=1, xla_flops=False, torch_baseline=True, official_rule_rows=True,
+                           router_fit_steps=40, require_platform={platform!r})
 ''')
 
 CASE_KEYS = {"name", "kind", "batch", "seq_len", "dense_ms", "mod_ms", "speedup", "flop_bound_speedup",
@@ -90,7 +91,8 @@ def test_bench_end_to_end(tmp_path):
     assert result["config"]["mod_layers_resolved"] == [1]
     assert "capacity" in result["config"]["routing_rule"]
     cases = {c["name"]: c for c in result["cases"]}
-    assert set(cases) == {"prefill_b1", "decode_b2_n3", "train_step_b1"}
+    assert set(cases) == {"prefill_b1", "prefill_official_b1", "decode_b2_n3", "train_step_b1"}
+    assert [c["name"] for c in result["cases"]][:2] == ["prefill_b1", "prefill_official_b1"]
     t = 3 + 16 + 9
     routable = 3 + 16  # official masking: system + image
     for name in ("prefill_b1", "train_step_b1"):
@@ -106,6 +108,22 @@ def test_bench_end_to_end(tmp_path):
         assert case["dense_flops_xla"] is None  # xla_flops=False in this config
     assert cases["train_step_b1"]["dense_flops_analytic"] > cases["prefill_b1"]["dense_flops_analytic"]
 
+    # The fitted router makes the official threshold rule skip about the capacity rule's share of
+    # the routable tokens (before the fit it skips nothing: random keep-probs sit near 0.5).
+    fit = result["router_fit"]
+    assert fit["steps"] == 40 and fit["rows"] == 1
+    assert fit["target_routable_skip"] == pytest.approx((routable // 2) / routable)
+    assert fit["official_routable_skip_before"] < 0.1
+    assert abs(fit["official_routable_skip"] - fit["target_routable_skip"]) <= 0.1
+    official = cases["prefill_official_b1"]
+    assert CASE_KEYS <= set(official) and official["routing_rule"] == "threshold" and official["official_rule"]
+    assert official["routable_skip_ratio"] == pytest.approx(fit["official_routable_skip"])
+    assert official["capacity_buckets"] == sorted(set(official["capacity_buckets"])) and official["capacity_buckets"][-1] == t
+    assert official["flop_bound_speedup"] == pytest.approx(
+        official["dense_flops_analytic"] / official["mod_flops_analytic"])
+    assert official["flop_bound_speedup"] > 1.0 and "torch_dense_ms" not in official
+    assert result["config"]["routing_rule"].startswith("capacity")
+
     prefill = cases["prefill_b1"]
     assert prefill["torch_dense_ms"] > 0
     assert prefill["torch_max_abs_logit_diff"] < 1e-3  # the baseline runs the very same model
@@ -116,11 +134,15 @@ def test_bench_end_to_end(tmp_path):
         assert decode["tokens_per_s_dense"] > 0 and decode["tokens_per_s_mod"] > 0
         assert decode["decode_steps"] == 2 and 0.0 <= decode["skip_ratio"] <= 1.0
         assert decode["prefill_skip_ratio"] == pytest.approx((routable // 2) / t)
+        # the PyTorch decode baseline: greedy `generate` on the same weights emits the same tokens
+        assert decode["tokens_per_s_torch"] is None or decode["tokens_per_s_torch"] > 0
+        assert decode["torch_generate_ms"] > 0 and decode["torch_tokens_equal_jax_dense"] is True
 
     text = md.read_text()
     assert text.startswith(keep_before) and text.endswith(keep_after)
     assert "stale" not in text and "tiny test bench" in text and text.count("<!-- bench:tiny:start -->") == 1
-    assert "| prefill_b1 | 1 | 28 |" in text
+    assert "| prefill_b1 | 1 | 28 |" in text and "| prefill_official_b1 | 1 | 28 |" in text
+    assert "**Official rule rows**" in text
 
     # re-rendering the section from the JSON (e.g. results fetched from a GPU machine) is exact
     other = tmp_path / "OTHER.md"
@@ -128,3 +150,70 @@ def test_bench_end_to_end(tmp_path):
     assert runner.main(["--from-json", str(out), "--markdown", str(other)]) == 0
     section = text[text.index("<!-- bench:tiny:start -->"):text.index("<!-- bench:tiny:end -->")]
     assert other.read_text().startswith(keep_before) and section in other.read_text()
+
+
+def test_bench_train_step_is_the_trainers_step(tmp_path):
+    """The train-step rows time `python -m train`'s program: the HLO the benchmark compiles is the
+    one `train.step` builds for the same model, optimizer and batch (accumulation over 2
+    micro-batches included), and one step of it leaves the frozen tower bitwise unchanged."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gmod_jax import sharding as shd
+    from gmod_jax.bench.config import Case
+    from gmod_jax.models.llama import routing_capacity
+    from train import data as data_lib
+    from train import step as step_lib
+    from train.config import TrainConfig
+
+    config = load_config(_write_config(tmp_path))
+    config = dataclasses.replace(config, cases=(Case("train_step", 2),),
+                                 optim=dataclasses.replace(config.optim, grad_accum_steps=2))
+    _, mod = runner.build_models(config)
+    x = runner.make_inputs(config, 2)
+    batch_np = runner.trainer_batch(config, x)
+    assert batch_np["input_ids"].shape == (2, 1, config.seq_len)
+    labelled = batch_np["labels"] != data_lib.IGNORE_INDEX
+    assert labelled.sum() == 2 * config.answer_tokens and np.all(batch_np["labels"][labelled] == batch_np["input_ids"][labelled])
+
+    mesh = shd.make_mesh()
+    with jax.set_mesh(mesh):
+        batch = data_lib.global_arrays(batch_np, shd.batch_sharding(mesh, 1), 1, row_axis=1)
+        spec, bench_step, cap = runner.train_step_program(config, mod.config, x["types"], mesh)
+        # what `train.loop.run` builds for a run with this model, optimizer and global batch
+        run = TrainConfig(model=mod.config, optim=config.optim, global_batch=2, num_steps=runner.TRAIN_TOTAL_STEPS)
+        train_spec = step_lib.make_run_spec(run.model, run.optim, run.total_steps(None), mesh)
+        train_step = step_lib.make_train_step(train_spec, run.optim.grad_accum_steps,
+                                              routing_capacity(run.model, x["types"], "train"))
+        state = runner.fresh_train_state(spec, mod.params)
+        assert bench_step.lower(state, batch).as_text() == train_step.lower(state, batch).as_text()
+        assert "vision" not in state["opt_state"][1][0].mu  # the tower has no Adam moments: frozen
+        vision_before = jax.device_get(state["params"]["vision"])
+        new_state, metrics = bench_step(state, batch)
+    assert cap is not None and np.isfinite(float(metrics["loss"])) and int(new_state["step"]) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state["params"]["vision"]), vision_before)
+    # the router loss reaches the router (step 0 of the warmup has lr 0, so look at Adam's moment)
+    assert np.any(np.asarray(new_state["opt_state"][1][0].mu["llm"]["mod_router"]["kernel"]) != 0)
+
+
+def test_threshold_routing_loss_is_logistic_at_the_official_threshold():
+    """The router fit's loss: softplus of the signed log-odds margin to the threshold, averaged
+    over real tokens (a NumPy formula)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gmod_jax.bench.router_fit import threshold_routing_loss
+
+    r = np.array([[0.9, 0.004, 0.006, 0.3]], np.float32)
+    selected = np.array([[True, False, True, False]])
+    mask = np.array([[True, True, True, False]])
+    margin = np.log(r / (1 - r)) - np.log(0.005 / 0.995)
+    per_token = np.log1p(np.exp(-np.where(selected, 1.0, -1.0) * margin))
+    want = per_token[mask].mean()
+    got = float(threshold_routing_loss(jnp.asarray(r), jnp.asarray(selected), jnp.asarray(mask), 0.005))
+    assert got == pytest.approx(want, rel=1e-5)
+    # the boundary is the official threshold, not r = 0.5: r = 0.006 is on the kept side
+    assert per_token[0, 1] < np.log(2) and per_token[0, 2] < np.log(2)

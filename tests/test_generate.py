@@ -203,3 +203,38 @@ def test_input_validation(mod_model, batch):
         generate_ids(mod_model, [prompts[0][:-3][:6]], pixels[:1])
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate_ids(mod_model, prompts, pixels, max_new_tokens=0)
+
+
+def test_layer_every_row_skips_is_not_computed():
+    """At batch > 1 a MoD layer that every row skips takes the skip branch. With a decode
+    threshold no keep-prob reaches, every decode token skips every MoD layer; the MoD layers'
+    weights are then poisoned (NaN) for the decode only. Had a layer been computed, its NaN key
+    would sit in the cache slot each step writes (masked invalid, but written); the skip branch
+    writes zeros there. The tokens equal those of the clean weights (the layers are skipped)."""
+    from gmod_jax.bench import runner
+    from gmod_jax.bench.config import BenchConfig
+    from gmod_jax.inference.generate import CacheSpec, mod_prefill_capacity
+
+    base = C.tiny(vision=C.VisionConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                                        image_size=56, patch_size=14), image_token_index=127, pad_token_id=0)
+    bench = BenchConfig(section="t", title="t", model=base, cases=(), placement="explicit", mod_layers=(1, 2),
+                        system_tokens=3, question_tokens=5, inference_routing="capacity")
+    _, mod = runner.build_models(bench)
+    cfg = mod.config.replace(mod=dataclasses.replace(mod.config.mod, decode_threshold=1.0))
+    b, n, t = 2, 4, bench.seq_len
+    x = runner.make_inputs(bench, b)
+    spec = CacheSpec(batch=b, prompt_len=t, new_slots=n, mod_capacity=mod_prefill_capacity(cfg, x["types"], "inference"))
+    logits, cache, _ = prefill_jit(mod.params, x["ids"], x["px"], x["mask"], x["types"], config=cfg, spec=spec)
+    dyn = (logits, np.full((b,), t, np.int32), np.int32(n), np.full((8,), -1, np.int32), np.int32(0),
+           jax.random.PRNGKey(0), np.float32(0.0), np.float32(1.0), np.arange(b, dtype=np.int32))
+    layers = mod.params["llm"]["layers"]
+    poisoned_k = layers["attn"]["k"]["kernel"].at[jnp.asarray(cfg.mod_layers)].set(jnp.nan)
+    poisoned = {**mod.params, "llm": {**mod.params["llm"], "layers": {
+        **layers, "attn": {**layers["attn"], "k": {**layers["attn"]["k"], "kernel": poisoned_k}}}}}
+    clean_tokens, _, _, _ = decode_jit(mod.params, jax.tree.map(jnp.copy, cache), *dyn, config=cfg, spec=spec)
+    tokens, _, stats, out_cache = decode_jit(poisoned, cache, *dyn, config=cfg, spec=spec)
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(clean_tokens))
+    assert np.all(np.asarray(stats["decode_layer_runs"]) == 0) and np.all(np.asarray(stats["decode_kept"]) == 0)
+    mod_k, length = np.asarray(out_cache.mod_k), np.asarray(out_cache.mod_length)
+    written = mod_k[np.arange(len(cfg.mod_layers))[:, None], np.arange(b)[None, :], :, length]  # [L_mod, B, KV, hd]
+    assert np.all(written == 0.0), "a MoD layer every row skipped was computed"

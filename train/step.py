@@ -86,6 +86,15 @@ def make_state_spec(model: ModelConfig, tx, schedule, optim_cfg, mesh) -> StateS
     return StateSpec(model, tx, schedule, trainable, mesh, abstract, shardings)
 
 
+def make_run_spec(model: ModelConfig, optim_cfg, total_steps: int, mesh) -> StateSpec:
+    """The state spec of a run of `total_steps` optimizer steps: AdamW (+ global-norm clip) on the
+    schedule and the trainable paths of `optim_cfg` (a `train.config.OptimConfig`). `python -m
+    train` and the benchmark's train-step rows both build their step from this."""
+    schedule = opt.make_schedule(optim_cfg, total_steps)
+    tx = opt.make_optimizer(optim_cfg, total_steps)
+    return make_state_spec(model, tx, schedule, optim_cfg, mesh)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainProgram:
     """What `python -m train` compiles for a recipe on a mesh, built once by `build_train_program`
@@ -123,9 +132,7 @@ def build_train_program(model: ModelConfig, optim_cfg, global_batch: int, mesh, 
     Raises when the micro-batch does not split over the mesh's batch shards."""
     accum = optim_cfg.grad_accum_steps
     micro = check_micro_batch(mesh, global_batch, accum)
-    schedule = opt.make_schedule(optim_cfg, total_steps)
-    tx = opt.make_optimizer(optim_cfg, total_steps)
-    spec = make_state_spec(model, tx, schedule, optim_cfg, mesh)
+    spec = make_run_spec(model, optim_cfg, total_steps, mesh)
     parts = flops_lib.Trainable(**{part: any(p.startswith(part + "/") for p in spec.trainable)
                                    for part in ("vision", "projector", "llm")})
     return TrainProgram(spec, accum, micro, parts)

@@ -7,6 +7,7 @@ import os
 
 from gmod_jax import flops as F
 from gmod_jax.config import ModelConfig, gamma_mod
+from train.config import OptimConfig
 
 KINDS = ("prefill", "decode", "train_step")
 
@@ -60,9 +61,22 @@ class BenchConfig:
     warmup: int = 1
     repeats: int = 5
     seed: int = 0
-    learning_rate: float = 1e-5
+    # The train-step rows run the trainer's own jitted step (`train.step.make_train_step`) with
+    # this optimizer: AdamW + global-norm clip on its schedule, `trainable` selecting what trains
+    # (LLaVA stage 2 / γ-MoD fine-tuning: projector + LLM with the router; the tower frozen) and
+    # `grad_accum_steps` micro-batches scanned inside the step (a case's batch is the global batch).
+    optim: OptimConfig = OptimConfig(lr=1e-5, trainable=(r"^projector/", r"^llm/"))
     xla_flops: bool = True  # compile an unrolled twin of each program to read XLA's FLOP count
     attention_flops: str = "blocked"  # analytic attention counting, see gmod_jax.flops
+    # Prefill rows for the official threshold rule (keep iff keep-prob > 0.005, capacity buckets)
+    # next to every prefill case, on the γ-MoD model with its router first fitted for
+    # `router_fit_steps` Adam steps (learning rate `router_fit_lr` / hidden size, i.e. about that
+    # much change of a router logit per step) so that the rule skips about the capacity rule's
+    # share of the routable tokens (`gmod_jax.bench.router_fit`). The other rows keep the
+    # unfitted router.
+    official_rule_rows: bool = False
+    router_fit_steps: int = 40
+    router_fit_lr: float = 1.0
     torch_baseline: bool = True  # HF LlavaForConditionalGeneration on the dense weights (prefill)
     torch_attention: str = "sdpa"  # "sdpa" | "eager"
     threads: int | None = None  # torch intra-op threads; None = the cores this process may use
@@ -76,8 +90,14 @@ class BenchConfig:
             raise ValueError("BenchConfig.model is the dense base model (mod disabled)")
         if self.attention_flops not in F.ATTENTION_MODES:
             raise ValueError(f"attention_flops must be one of {F.ATTENTION_MODES}")
+        if self.router_fit_steps < 0 or self.router_fit_lr <= 0:
+            raise ValueError("router_fit_steps must be >= 0 and router_fit_lr > 0")
         if self.warmup < 0 or self.repeats < 1:
             raise ValueError("warmup must be >= 0 and repeats >= 1")
+        for c in self.cases:
+            if c.kind == "train_step" and c.batch % self.optim.grad_accum_steps:
+                raise ValueError(f"case {c.name}: batch {c.batch} is not divisible by "
+                                 f"optim.grad_accum_steps {self.optim.grad_accum_steps}")
         names = [c.name for c in self.cases]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate cases: {names}")

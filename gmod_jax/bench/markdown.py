@@ -43,6 +43,15 @@ def render_markdown(result: dict, command: str) -> str:
         f"- **Timing**: AOT-compiled, {cfg['warmup']} warm-up run(s) dropped, then dense and MoD interleaved; "
         f"cells are median [IQR; min] ms over the repeats; speedup = dense median / MoD median.",
     ]
+    fit = result.get("router_fit")
+    if fit:
+        lines.append(
+            f"- **Official rule rows** (`prefill_official_*`): keep iff keep-prob > 0.005 with capacity buckets, "
+            f"on the γ-MoD model whose router was first fitted ({fit['steps']} Adam steps of a routing-only loss "
+            f"towards the capacity rule's top-k on the {fit['rows']} prefill prompts, "
+            f"{fit['fit_s']:.0f} s): the rule skips {fit['official_routable_skip']:.3f} of the routable tokens "
+            f"(capacity rule {fit['target_routable_skip']:.3f}; {fit['official_routable_skip_before']:.3f} "
+            f"before the fit). The other rows use the unfitted router.")
     if result.get("torch"):
         tinfo = result["torch"]
         if "skipped" in tinfo:
@@ -50,8 +59,9 @@ def render_markdown(result: dict, command: str) -> str:
         else:
             lines.append(f"- **PyTorch baseline**: HF transformers {tinfo['transformers']} "
                          f"`LlavaForConditionalGeneration`, {tinfo['dtype']}, attention `{tinfo['attention']}`, "
-                         f"{tinfo['threads']} threads, `inference_mode`, last-position logits, same dense weights "
-                         f"and inputs.")
+                         f"{tinfo['threads']} threads, `inference_mode`, same dense weights and inputs; prefill: "
+                         f"last-position logits; decode: greedy `generate` with its KV cache, no EOS, decode loop "
+                         f"= time of n new tokens − time of 1.")
     lines += [
         "",
         "| case | B | T | dense ms | γ-MoD ms | speedup | FLOP bound | speedup / bound | skip | "
@@ -64,6 +74,10 @@ def render_markdown(result: dict, command: str) -> str:
             lines.append(f"| {r['name']} | {r['batch']} | | skipped: {r['skipped']} | | | | | | | | | | |")
             continue
         tok = (f"{r['tokens_per_s_dense']:.1f} / {r['tokens_per_s_mod']:.1f}" if r["kind"] == "decode" else "–")
+        torch_ms = _ms(r.get("torch_dense_stats"))
+        if r.get("tokens_per_s_torch"):
+            tok += f" (torch {r['tokens_per_s_torch']:.1f})"
+            torch_ms = f"{r['torch_decode_ms']:.1f} (decode loop)"
         lines.append(
             f"| {r['name']} | {r['batch']} | {r['seq_len']} | {_ms(r['dense_stats'])} | {_ms(r['mod_stats'])} | "
             f"{fmt(r['speedup'], '.2f')}× | {fmt(r['flop_bound_speedup'], '.2f')}× | "
@@ -71,7 +85,7 @@ def render_markdown(result: dict, command: str) -> str:
             f"{_gflop(r['dense_flops_analytic'], r['dense_flops_xla'])} | "
             f"{_gflop(r['mod_flops_analytic'], r['mod_flops_xla'])} | "
             f"{r['compile_s_dense']:.1f} / {r['compile_s_mod']:.1f} | "
-            f"{_ms(r.get('torch_dense_stats'))} | {tok} |")
+            f"{torch_ms} | {tok} |")
     if any(r.get("mfu_dense") is not None for r in result["cases"]):
         lines += ["", "MFU (analytic FLOPs / time / bf16 peak "
                   f"{fmt(result.get('peak_tflops'), '.0f')} TFLOP/s): " + "; ".join(
@@ -93,9 +107,9 @@ def render_markdown(result: dict, command: str) -> str:
               "come from XLA's cost analysis of a fully unrolled twin of each program and include elementwise "
               "ops the analytic count leaves out (a few % above it); decode loops have no XLA count (a "
               "data-dependent while loop). Decode tok/s = batch × (new tokens − 1) / decode-loop time (the "
-              "first new token comes from the prefill); at batch 1 a MoD layer really skips its compute for a "
-              "token whose keep-prob is below the decode threshold, at larger batches rows are masked, so "
-              "only shorter MoD-layer KV caches save work. The PyTorch column is HF eager-mode Python, a "
+              "first new token comes from the prefill); a MoD layer's compute is skipped in a step when every row's "
+              "keep-prob is below the decode threshold (at batch 1: the row's own decision); rows that skip a "
+              "computed layer are masked, and the shorter MoD-layer KV caches save the rest. The PyTorch column is HF eager-mode Python, a "
               "reference point, not a tuned baseline. Timings on a shared machine are noisy: compare ratios "
               "within one run, and check the load average above."]
     return "\n".join(lines) + "\n"

@@ -12,6 +12,12 @@ Method, and why:
   every token, so the configs route with the training capacity rule
   (`mod.inference_routing="capacity"`): exactly `routing_ratio` of the routable tokens are
   skipped in every MoD layer and the skip ratio is the configured one. The rule used is recorded.
+  With `official_rule_rows`, each prefill case also gets a row for the official rule (threshold
+  with capacity buckets) on a copy of the γ-MoD model whose router was first fitted so that the
+  rule skips about that share (`gmod_jax.bench.router_fit`); the fit and the realised skip are
+  reported.
+* Train-step rows run the trainer's own jitted step (`train.step`, as `python -m train` builds
+  it: loss, clipping, schedule, frozen tower, accumulation), not a program of the benchmark's.
 * Every timed function is compiled ahead of time (`jit(f).lower(...).compile()`): compile time
   is reported on its own and never pollutes a sample. Warm-up runs are discarded; dense and MoD
   samples are interleaved (D, M, D, M, ...) so load from other processes hits both alike;
@@ -47,15 +53,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from gmod_jax import flops as F
+from gmod_jax import sharding as shd
 from gmod_jax import token_types as tt
 from gmod_jax.api import Model, init_random
 from gmod_jax.bench.config import BenchConfig, Case, load_config
+from gmod_jax.bench import router_fit
 from gmod_jax.bench.markdown import fmt, render_markdown
 from gmod_jax.benchmarks_md import update_markdown
 from gmod_jax.eval.results import write_text_atomic
 from gmod_jax.config import ModelConfig
-from gmod_jax.models.llama import RoutingPlan, routing_capacity
+from gmod_jax.models.llama import RoutingPlan, routing_capacity, threshold_buckets
 from gmod_jax.models.llava import LlavaModel
+from train import data as data_lib
+from train import step as step_lib
 
 # ----------------------------------------------------------------------------------------------
 # Models and inputs
@@ -160,36 +170,35 @@ def prefill_program(config: ModelConfig, plan: RoutingPlan):
     return jax.jit(prefill)
 
 
-def split_trainable(params: dict) -> tuple[dict, dict]:
-    """(trainable, frozen): LLaVA stage-2 / γ-MoD fine-tuning trains projector + LLM (router
-    included) and freezes the vision tower."""
-    return ({k: v for k, v in params.items() if k != "vision"}, {"vision": params["vision"]})
+# The schedule length the train-step programs are built for: it only sets learning-rate values
+# (warmup, decay), never the program's cost, and the benchmark runs a handful of steps of it.
+TRAIN_TOTAL_STEPS = 1000
 
 
-def train_program(config: ModelConfig, plan: RoutingPlan, tx):
-    """One jitted AdamW step: LM cross-entropy on answer tokens + the router loss (γ-MoD's
-    objective), gradients only for the trainable sub-tree, the state donated."""
-    import optax
+def trainer_batch(config: BenchConfig, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The benchmark inputs as the trainer's [accum, micro, ...] batch (`train.data`): labels are
+    the ids on the answer span, -100 elsewhere."""
+    b = data_lib.to_model_batch({"input_ids": x["ids"], "attention_mask": x["mask"], "token_types": x["types"],
+                                 "pixel_values": x["px"], "loss_mask": x["answer"]}, config.model.pad_token_id or 0)
+    return data_lib.split_micro(b, config.optim.grad_accum_steps)
 
-    module = LlavaModel(config)
 
-    def loss_fn(trainable, frozen, batch):
-        out = module.apply({"params": {**frozen, **trainable}}, batch["ids"], batch["px"], batch["mask"],
-                           batch["types"], plan)
-        logp = jax.nn.log_softmax(out["logits"][:, :-1].astype(jnp.float32), axis=-1)
-        target = batch["ids"][:, 1:]
-        nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
-        weight = batch["answer"][:, 1:].astype(jnp.float32)
-        lm = jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1.0)
-        stats = {k: out[k] for k in ("mod_kept", "mod_tokens") if k in out}
-        return lm + out["router_loss"], stats
+def train_step_program(config: BenchConfig, model: ModelConfig, types: np.ndarray, mesh,
+                       total_steps: int = TRAIN_TOTAL_STEPS):
+    """(state spec, jitted step, MoD capacity) built exactly as `python -m train` builds them
+    (`train.loop.run`): `make_run_spec` from the config's optimizer, the capacity of the
+    training rule for this batch's token types, `make_train_step` (loss, clipping, schedule,
+    frozen params, accumulation, state donated). Each call builds a new jitted function."""
+    spec = step_lib.make_run_spec(model, config.optim, total_steps, mesh)
+    cap = routing_capacity(model, types, "train")
+    return spec, step_lib.make_train_step(spec, config.optim.grad_accum_steps, cap), cap
 
-    def step(state, frozen, batch):
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], frozen, batch)
-        updates, opt_state = tx.update(grads, state["opt"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "opt": opt_state}, loss, stats
 
-    return jax.jit(step, donate_argnums=(0,))
+def fresh_train_state(spec, params: dict) -> dict:
+    """The trainer's step-0 state (`make_opt_init`) over a private copy of `params`: the step
+    donates its state, while the dense and MoD trees share arrays that later cases still need."""
+    params = jax.device_put(jax.tree.map(jnp.copy, params), spec.shardings["params"])
+    return step_lib.make_opt_init(spec)(params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,7 +213,10 @@ class Context:
     inputs: dict[int, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
     on_device: dict[int, dict[str, jax.Array]] = dataclasses.field(default_factory=dict)
     peak: float | None = None
+    official: Model | None = None  # the γ-MoD model with its router fitted for the official rule
+    router_fit: dict | None = None
     dense_last_logits: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+    dense_decode_tokens: dict[int, Any] = dataclasses.field(default_factory=dict)  # greedy, per batch size
 
     def batch(self, b: int) -> dict[str, np.ndarray]:
         if b not in self.inputs:
@@ -244,35 +256,56 @@ def _finish(row: dict, ctx: Context, dense_flops: float, mod_flops: float):
     return row
 
 
-def run_prefill(ctx: Context, case: Case) -> dict:
+def run_prefill(ctx: Context, case: Case, official: bool = False) -> dict:
+    """Dense vs γ-MoD prefill. `official`: the γ-MoD model with the fitted router
+    (`ctx.official`) served with the official threshold rule and its capacity buckets, instead of
+    the configured rule; its row is named `prefill_official_b<B>`."""
     cfg, b = ctx.config, case.batch
     types = ctx.batch(b)["types"]
     x = ctx.device_batch(b)
     args = (x["ids"], x["px"], x["mask"], x["types"])
-    dense_cfg, mod_cfg = ctx.dense.config, ctx.mod.config
+    mod = ctx.official if official else ctx.mod
+    dense_cfg, mod_cfg = ctx.dense.config, mod.config
     cap = _mod_capacity(mod_cfg, types, "inference")
     dense_plan = RoutingPlan(mode="inference")
     mod_plan = RoutingPlan(mode="inference", capacity=routing_capacity(mod_cfg, types, "inference"))
 
     dense_fn, c_dense = aot_compile(prefill_program(dense_cfg, dense_plan), ctx.dense.params, *args)
-    mod_fn, c_mod = aot_compile(prefill_program(mod_cfg, mod_plan), ctx.mod.params, *args)
+    mod_fn, c_mod = aot_compile(prefill_program(mod_cfg, mod_plan), mod.params, *args)
     dense_logits, _ = jax.device_get(dense_fn(ctx.dense.params, *args))
-    _, aux = jax.device_get(mod_fn(ctx.mod.params, *args))
+    _, aux = jax.device_get(mod_fn(mod.params, *args))
     ctx.dense_last_logits[b] = np.asarray(dense_logits[:, -1], np.float32)
     skip, skip_layers, kept = _skip_stats(aux["mod_kept"], aux["mod_tokens"], b)
 
     stats = interleaved({"dense": timed_call(dense_fn, ctx.dense.params, *args),
-                         "mod": timed_call(mod_fn, ctx.mod.params, *args)},
+                         "mod": timed_call(mod_fn, mod.params, *args)},
                         cfg.warmup, case.repeats or cfg.repeats)
     t = cfg.seq_len
     dense_a = F.prefill_flops(dense_cfg, b, t, attention=cfg.attention_flops)
     mod_a = F.prefill_flops(mod_cfg, b, t, kept, attention=cfg.attention_flops)
-    mod_exec = F.prefill_flops(mod_cfg, b, t, cap, attention=cfg.attention_flops)
+    buckets = threshold_buckets(mod_cfg, mod_plan, t)
+    if buckets:
+        # The bucket each layer ran (judged from its mean row: the rows of one prompt layout pass
+        # alike), which is what the program executed.
+        executed = [next((c for c in buckets if c >= math.ceil(k - 1e-6)), buckets[-1]) for k in kept]
+        cap = max(executed)
+    else:
+        executed = cap
+    mod_exec = F.prefill_flops(mod_cfg, b, t, executed, attention=cfg.attention_flops)
     row = _base_row(case, t, stats, c_dense, c_mod, skip, skip_layers, dense_a, mod_a, mod_exec)
     row["mod_capacity"] = cap
+    row["routing_rule"] = "threshold" if official else mod_cfg.mod.inference_routing
+    if official:
+        row["name"], row["official_rule"] = f"prefill_official_b{b}", True
+        row["capacity_buckets"] = list(buckets)
+        row["mod_capacity_per_layer"] = executed
+        kept_t, tokens_t = np.sum(aux["mod_kept_by_type"]), np.sum(aux["mod_tokens_by_type"])
+        row["routable_skip_ratio"] = float(1.0 - kept_t / max(tokens_t, 1))
     if cfg.xla_flops:
         row["dense_flops_xla"] = count_xla(lambda: prefill_program(dense_cfg, dense_plan), ctx.dense.params, *args)
-        row["mod_flops_xla"] = count_xla(lambda: prefill_program(mod_cfg, mod_plan), ctx.mod.params, *args)
+        # XLA's cost analysis cannot know which branch of the bucket switch runs: no count.
+        if not buckets:
+            row["mod_flops_xla"] = count_xla(lambda: prefill_program(mod_cfg, mod_plan), mod.params, *args)
     return _finish(row, ctx, dense_a.total, mod_a.total)
 
 
@@ -291,57 +324,54 @@ def _base_row(case, t, stats, c_dense, c_mod, skip, skip_layers, dense_a, mod_a,
 
 
 def run_train_step(ctx: Context, case: Case) -> dict:
-    import optax
-
+    """The trainer's jitted step (see `train_step_program`) for the dense and the γ-MoD model,
+    each from its own step-0 state, on the case's batch as the global batch."""
     cfg, b = ctx.config, case.batch
-    types = ctx.batch(b)["types"]
-    batch = ctx.device_batch(b)
-    dense_cfg, mod_cfg = ctx.dense.config, ctx.mod.config
-    cap = _mod_capacity(mod_cfg, types, "train")
-    dense_plan = RoutingPlan(mode="train")
-    mod_plan = RoutingPlan(mode="train", capacity=routing_capacity(mod_cfg, types, "train"))
-    tx = optax.adamw(cfg.learning_rate, weight_decay=0.0)
-
-    def fresh_state(params):
-        # Own copies: the step donates (and so invalidates) the state it is given, while the
-        # dense and MoD trees share their arrays and later cases still need them.
-        trainable, frozen = split_trainable(params)
-        trainable = jax.tree.map(jnp.copy, trainable)
-        return {"params": trainable, "opt": tx.init(trainable)}, frozen
-
-    states, frozen = {}, {}
-    states["dense"], frozen["dense"] = fresh_state(ctx.dense.params)
-    states["mod"], frozen["mod"] = fresh_state(ctx.mod.params)
-    dense_fn, c_dense = aot_compile(train_program(dense_cfg, dense_plan, tx), states["dense"], frozen["dense"], batch)
-    mod_fn, c_mod = aot_compile(train_program(mod_cfg, mod_plan, tx), states["mod"], frozen["mod"], batch)
-    fns = {"dense": dense_fn, "mod": mod_fn}
-    last_stats = {}
-
-    def runner(name):
-        def run():
-            t0 = time.perf_counter()
-            states[name], loss, stats = fns[name](states[name], frozen[name], batch)
-            jax.block_until_ready((states[name], loss))
-            elapsed = time.perf_counter() - t0
-            last_stats[name] = stats
-            return elapsed
-        return run
-
-    stats = interleaved({"dense": runner("dense"), "mod": runner("mod")}, max(cfg.warmup, 1),
-                        case.repeats or cfg.repeats)
-    aux = jax.device_get(last_stats["mod"])
-    skip, skip_layers, kept = _skip_stats(aux["mod_kept"], aux["mod_tokens"], b)
+    x = ctx.batch(b)
+    mesh = shd.make_mesh()
     t = cfg.seq_len
+    with jax.set_mesh(mesh):
+        batch = data_lib.global_arrays(trainer_batch(cfg, x), shd.batch_sharding(mesh, 1),
+                                       b // cfg.optim.grad_accum_steps, row_axis=1)
+        states, fns, compile_s, caps = {}, {}, {}, {}
+        for name, model in (("dense", ctx.dense), ("mod", ctx.mod)):
+            spec, step, caps[name] = train_step_program(cfg, model.config, x["types"], mesh)
+            states[name] = fresh_train_state(spec, model.params)
+            fns[name], compile_s[name] = aot_compile(step, states[name], batch)
+        last_metrics = {}
+
+        def runner(name):
+            def run():
+                t0 = time.perf_counter()
+                states[name], metrics = fns[name](states[name], batch)
+                jax.block_until_ready((states[name], metrics))
+                elapsed = time.perf_counter() - t0
+                last_metrics[name] = metrics
+                return elapsed
+            return run
+
+        stats = interleaved({"dense": runner("dense"), "mod": runner("mod")}, max(cfg.warmup, 1),
+                            case.repeats or cfg.repeats)
+        xla = {}
+        if cfg.xla_flops:
+            for name, model in (("dense", ctx.dense), ("mod", ctx.mod)):
+                xla[name] = count_xla(lambda model=model: train_step_program(cfg, model.config, x["types"], mesh)[1],
+                                      states[name], batch)
+    m = jax.device_get(last_metrics["mod"])
+    # Every token of the benchmark batch is valid, so each MoD layer sees t tokens per row.
+    skip_layers = [float(v) for v in m["skip_ratio_per_layer"]]
+    kept = [(1.0 - v) * t for v in skip_layers]
+    dense_cfg, mod_cfg = ctx.dense.config, ctx.mod.config
+    cap = caps["mod"] if caps["mod"] is not None else t
     dense_a = F.train_step_flops(dense_cfg, b, t, attention=cfg.attention_flops)
     mod_a = F.train_step_flops(mod_cfg, b, t, kept, attention=cfg.attention_flops)
     mod_exec = F.train_step_flops(mod_cfg, b, t, cap, attention=cfg.attention_flops)
-    row = _base_row(case, t, stats, c_dense, c_mod, skip, skip_layers, dense_a, mod_a, mod_exec)
-    row["mod_capacity"] = cap
+    row = _base_row(case, t, stats, compile_s["dense"], compile_s["mod"], float(m["skip_ratio"]), skip_layers,
+                    dense_a, mod_a, mod_exec)
+    row.update({"mod_capacity": cap, "grad_accum_steps": cfg.optim.grad_accum_steps, "train_program": "train.step",
+                "lm_loss_mod": float(m["lm_loss"]), "router_loss_mod": float(m["router_loss"])})
     if cfg.xla_flops:
-        row["dense_flops_xla"] = count_xla(lambda: train_program(dense_cfg, dense_plan, tx), states["dense"],
-                                           frozen["dense"], batch)
-        row["mod_flops_xla"] = count_xla(lambda: train_program(mod_cfg, mod_plan, tx), states["mod"],
-                                         frozen["mod"], batch)
+        row["dense_flops_xla"], row["mod_flops_xla"] = xla["dense"], xla["mod"]
     return _finish(row, ctx, dense_a.total, mod_a.total)
 
 
@@ -391,6 +421,8 @@ def run_decode(ctx: Context, case: Case) -> dict:
             out = jax.block_until_ready(decode(params, fresh, *dyn))
             elapsed = time.perf_counter() - t0
             decode_stats[name] = out[2]
+            if name == "dense":
+                ctx.dense_decode_tokens[b] = out[0]
             return elapsed
         runs[name] = run
 
@@ -403,8 +435,11 @@ def run_decode(ctx: Context, case: Case) -> dict:
     p = prefill_stats["mod"]
     prefill_skip, _, _ = _skip_stats(np.asarray(p["prefill_kept"]).sum(-1), np.asarray(p["prefill_tokens"]).sum(-1), b)
     dense_a = F.decode_flops(ctx.dense.config, b, t, n)
+    # A MoD layer is computed in a step iff some row keeps it (`decode_layer_runs`); rows that
+    # skip a computed layer are masked, so compute follows the layer's share of computed steps.
+    layer_runs = np.asarray(dstats["decode_layer_runs"], np.float64) / max(steps, 1)
     mod_a = F.decode_flops(ctx.mod.config, b, t, n, mod_capacity=specs["mod"].mod_capacity,
-                           mod_run_fraction=[float(v) for v in run_share])
+                           mod_run_fraction=[float(v) for v in layer_runs], skip_compute=True)
     row = _base_row(case, t, stats, compile_s["dense"], compile_s["mod"], decode_skip,
                     [float(v) for v in 1.0 - run_share], dense_a, mod_a, mod_a)
     row.update({
@@ -414,7 +449,7 @@ def run_decode(ctx: Context, case: Case) -> dict:
         "ms_per_step_dense": row["dense_ms"] / steps, "ms_per_step_mod": row["mod_ms"] / steps,
         "prefill_skip_ratio": prefill_skip, "mod_capacity": specs["mod"].mod_capacity,
         "compile_s_prefill_dense": prefill_compile_s["dense"], "compile_s_prefill_mod": prefill_compile_s["mod"],
-        "skips_compute": b == 1,
+        "mod_layer_run_fraction": [float(v) for v in layer_runs],
     })
     return _finish(row, ctx, dense_a.total, mod_a.total)
 
@@ -426,14 +461,31 @@ RUNNERS = {"prefill": run_prefill, "train_step": run_train_step, "decode": run_d
 # PyTorch baseline
 
 
-def torch_prefill_baseline(ctx: Context, rows: list[dict]) -> dict:
+def _torch_inputs(x: dict[str, np.ndarray]) -> dict:
+    import torch
+
+    return {"input_ids": torch.from_numpy(x["ids"].astype(np.int64)),
+            "attention_mask": torch.from_numpy(x["mask"].astype(np.int64)),
+            "pixel_values": torch.from_numpy(np.ascontiguousarray(np.moveaxis(x["px"], -1, 1)))}
+
+
+def _torch_samples(run: Callable[[], float], warmup: int, repeats: int) -> dict:
+    samples = [run() for _ in range(warmup + repeats)]
+    return summarize(samples[warmup:] or samples)
+
+
+def torch_baseline(ctx: Context, rows: list[dict]) -> dict:
     """HF `LlavaForConditionalGeneration` on the dense weights (exported through the converter's
     key map into a temporary HF directory), float32, same inputs, same thread count,
-    `inference_mode`, logits for the last position only. Fills `torch_dense_ms` in-place."""
+    `inference_mode`. Prefill rows: a forward with logits for the last position only. Decode
+    rows: greedy `generate` with its KV cache and no EOS, timed like the JAX decode loop: the
+    time of `max_new_tokens = n` minus that of `max_new_tokens = 1` (prefill and first token),
+    over the n - 1 decode steps. Fills the `torch_*` fields of those rows in place."""
     cfg = ctx.config
-    prefill_rows = [r for r in rows if r["kind"] == "prefill" and "skipped" not in r]
-    if not prefill_rows:
-        return {"skipped": "no prefill cases"}
+    prefill_rows = [r for r in rows if r["kind"] == "prefill" and "skipped" not in r and not r.get("official_rule")]
+    decode_rows = [r for r in rows if r["kind"] == "decode" and "skipped" not in r]
+    if not prefill_rows and not decode_rows:
+        return {"skipped": "no prefill or decode cases"}
     try:
         import torch
         import transformers
@@ -459,10 +511,7 @@ def torch_prefill_baseline(ctx: Context, rows: list[dict]) -> dict:
     build_s = time.perf_counter() - t0
     for row in prefill_rows:
         b = row["batch"]
-        x = ctx.batch(b)
-        inputs = {"input_ids": torch.from_numpy(x["ids"].astype(np.int64)),
-                  "attention_mask": torch.from_numpy(x["mask"].astype(np.int64)),
-                  "pixel_values": torch.from_numpy(np.ascontiguousarray(np.moveaxis(x["px"], -1, 1)))}
+        inputs = _torch_inputs(ctx.batch(b))
 
         def run(inputs=inputs):
             with torch.inference_mode():
@@ -470,14 +519,42 @@ def torch_prefill_baseline(ctx: Context, rows: list[dict]) -> dict:
                 out = model(**inputs, logits_to_keep=1, use_cache=False)
                 return time.perf_counter() - t0, out.logits
         _, logits = run()
-        samples = [run()[0] for _ in range(cfg.warmup + (row.get("dense_stats", {}).get("n") or cfg.repeats))]
-        s = summarize(samples[cfg.warmup:] or samples)
+        s = _torch_samples(lambda run=run: run()[0], cfg.warmup, row.get("dense_stats", {}).get("n") or cfg.repeats)
         row["torch_dense_ms"] = s["median_ms"]
         row["torch_dense_stats"] = s
         if b in ctx.dense_last_logits:
             diff = np.abs(logits[:, -1].float().numpy() - ctx.dense_last_logits[b])
             row["torch_max_abs_logit_diff"] = float(diff.max())
         row["torch_over_jax_dense"] = s["median_ms"] / row["dense_ms"]
+    # Greedy to the last token: no EOS (the JAX rows run without one too), no sampling.
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = model_cfg.pad_token_id or 0
+    for row in decode_rows:
+        b, n = row["batch"], row["new_tokens"]
+        inputs = _torch_inputs(ctx.batch(b))
+        t = inputs["input_ids"].shape[1]
+
+        def generate(new, inputs=inputs):
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                out = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, num_beams=1,
+                                     use_cache=True)
+                return time.perf_counter() - t0, out[:, t:]
+        _, tokens = generate(n)
+        repeats = row.get("dense_stats", {}).get("n") or cfg.repeats
+        full = _torch_samples(lambda: generate(n)[0], cfg.warmup, repeats)
+        first = _torch_samples(lambda: generate(1)[0], cfg.warmup, repeats)
+        decode_ms = full["median_ms"] - first["median_ms"]
+        row["torch_generate_ms"] = full["median_ms"]
+        row["torch_generate_first_ms"] = first["median_ms"]
+        row["torch_decode_ms"] = decode_ms
+        row["tokens_per_s_torch"] = b * (n - 1) / (decode_ms * 1e-3) if decode_ms > 0 else None
+        row["torch_generate_stats"] = full
+        if b in ctx.dense_decode_tokens:
+            jax_tokens = np.asarray(jax.device_get(ctx.dense_decode_tokens[b]))
+            row["torch_tokens_equal_jax_dense"] = bool(np.array_equal(tokens.numpy(), jax_tokens))
+        if row["tokens_per_s_torch"]:
+            row["jax_dense_over_torch_tokens_per_s"] = row["tokens_per_s_dense"] / row["tokens_per_s_torch"]
     info = {"threads": threads, "attention": cfg.torch_attention, "dtype": "float32", "build_s": build_s,
             "torch": torch.__version__, "transformers": transformers.__version__}
     return info
@@ -560,26 +637,40 @@ def run(config: BenchConfig, only: tuple[str, ...] = (), on_case: Callable[[list
     init_s = time.perf_counter() - t0
     peak = config.peak_tflops * 1e12 if config.peak_tflops else F.peak_flops(machine["device_kind"])
     ctx = Context(config=config, dense=dense, mod=mod, peak=peak)
+    prefill_batches = sorted({c.batch for c in config.cases if c.kind == "prefill" and (not only or c.name in only)})
+    if config.official_rule_rows and prefill_batches:
+        _log(f"fitting the router for the official rule: {config.router_fit_steps} steps on the prefill prompts "
+             f"(batches {prefill_batches})")
+        prompts = {k: np.concatenate([ctx.batch(b)[k] for b in prefill_batches]) for k in ("ids", "px", "mask", "types")}
+        fitted, ctx.router_fit = router_fit.fit_router(mod, prompts, config.router_fit_steps,
+                                                       config.router_fit_lr / config.model.text.hidden_size)
+        ctx.official = Model(config=router_fit.official_rule_config(mod.config), params=fitted.params)
+        _log(f"  official-rule routable skip {ctx.router_fit['official_routable_skip']:.3f} (capacity rule "
+             f"{ctx.router_fit['target_routable_skip']:.3f}) [{ctx.router_fit['fit_s']:.0f} s]")
     rows = []
     for case in config.cases:
         if only and case.name not in only:
             continue
         _log(f"case {case.name}")
         t_case = time.perf_counter()
-        row = RUNNERS[case.kind](ctx, case)
-        rows.append(row)
-        if on_case is not None:
-            on_case(rows)
-        if "skipped" in row:
-            _log(f"  skipped: {row['skipped']}")
-        else:
-            _log(f"  dense {row['dense_ms']:.1f} ms, γ-MoD {row['mod_ms']:.1f} ms, speedup "
-                 f"{fmt(row['speedup'], '.2f')} (bound {fmt(row['flop_bound_speedup'], '.2f')}), skip "
-                 f"{row['skip_ratio']:.3f} [{time.perf_counter() - t_case:.0f} s]")
+        case_rows = [RUNNERS[case.kind](ctx, case)]
+        if case.kind == "prefill" and ctx.official is not None:
+            _log(f"case {case.name}, official threshold rule")
+            case_rows.append(run_prefill(ctx, case, official=True))
+        for row in case_rows:
+            rows.append(row)
+            if on_case is not None:
+                on_case(rows)
+            if "skipped" in row:
+                _log(f"  skipped: {row['skipped']}")
+            else:
+                _log(f"  dense {row['dense_ms']:.1f} ms, γ-MoD {row['mod_ms']:.1f} ms, speedup "
+                     f"{fmt(row['speedup'], '.2f')} (bound {fmt(row['flop_bound_speedup'], '.2f')}), skip "
+                     f"{row['skip_ratio']:.3f} [{time.perf_counter() - t_case:.0f} s]")
     torch_info = None
     if config.torch_baseline:
         _log("PyTorch baseline")
-        torch_info = torch_prefill_baseline(ctx, rows)
+        torch_info = torch_baseline(ctx, rows)
     mod_cfg = mod.config
     skips = [r["skip_ratio"] for r in rows if r.get("kind") == "prefill" and "skip_ratio" in r]
     paper = None
@@ -602,6 +693,7 @@ def run(config: BenchConfig, only: tuple[str, ...] = (), on_case: Callable[[list
                 "num_params_dense": dense.num_params, "num_params_mod": mod.num_params, "init_s": init_s}
     return _jsonable({"machine": machine, "date": date, "config": cfg_json, "image_tokens": config.model.image_seq_length,
                       "peak_tflops": peak / 1e12 if peak else None, "paper_formula": paper, "torch": torch_info,
+                      "router_fit": ctx.router_fit,
                       "cases": rows})
 
 

@@ -83,11 +83,6 @@ class CacheSpec:
     def mod_slots(self) -> int:
         return self.mod_capacity + self.new_slots
 
-    @property
-    def skip_compute(self) -> bool:
-        # Batch 1 can branch on its one routing decision; larger batches mask per row.
-        return self.batch == 1
-
 
 def active_mod_layers(config: ModelConfig, mode: str) -> tuple[int, ...]:
     if mode not in MODES:
@@ -128,7 +123,12 @@ def _final_logits(config, params, hidden):
 
 
 def _kv_shape(config: ModelConfig, batch: int, slots: int):
-    return (batch, slots, config.text.num_kv_heads, config.text.head_dim)
+    return (batch, config.text.num_kv_heads, slots, config.text.head_dim)
+
+
+def _heads_major(kv):
+    """Walk outputs [L, B, T, KV, hd] -> the cache layout [L, B, KV, T, hd] (see `KVCache`)."""
+    return jnp.swapaxes(kv, 2, 3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,10 +150,10 @@ def _prefill(params, input_ids, pixel_values, attention_mask, token_types, *, co
     logits = _final_logits(config, params, x[:, -1:])[:, 0]
 
     kv_dense = _kv_shape(config, b, t)
-    dense_k = trace.dense["k"] if trace.dense else jnp.zeros((0, *kv_dense), dtype)
-    dense_v = trace.dense["v"] if trace.dense else jnp.zeros((0, *kv_dense), dtype)
+    dense_k = _heads_major(trace.dense["k"]) if trace.dense else jnp.zeros((0, *kv_dense), dtype)
+    dense_v = _heads_major(trace.dense["v"]) if trace.dense else jnp.zeros((0, *kv_dense), dtype)
     if trace.mod:
-        m = trace.mod
+        m = {**trace.mod, "k": _heads_major(trace.mod["k"]), "v": _heads_major(trace.mod["v"])}
     else:
         kv_mod = _kv_shape(config, b, 0)
         m = dict(k=jnp.zeros((0, *kv_mod), dtype), v=jnp.zeros((0, *kv_mod), dtype),
@@ -161,10 +161,10 @@ def _prefill(params, input_ids, pixel_values, attention_mask, token_types, *, co
                  next_pos=jnp.zeros((0, b), jnp.int32), kept_per_row=jnp.zeros((0, b), jnp.int32),
                  tokens_per_row=jnp.zeros((0, b), jnp.int32))
     cache = KVCache(
-        dense_k=pad_slots(dense_k, 2, spec.dense_slots), dense_v=pad_slots(dense_v, 2, spec.dense_slots),
+        dense_k=pad_slots(dense_k, 3, spec.dense_slots), dense_v=pad_slots(dense_v, 3, spec.dense_slots),
         dense_valid=pad_slots(mask, 1, spec.dense_slots, False),
-        mod_k=pad_slots(m["k"].astype(dtype), 2, spec.mod_slots),
-        mod_v=pad_slots(m["v"].astype(dtype), 2, spec.mod_slots),
+        mod_k=pad_slots(m["k"].astype(dtype), 3, spec.mod_slots),
+        mod_v=pad_slots(m["v"].astype(dtype), 3, spec.mod_slots),
         mod_valid=pad_slots(m["valid"], 2, spec.mod_slots, False),
         mod_length=m["length"], mod_next_pos=m["next_pos"])
     return logits, cache, {"prefill_kept": m["kept_per_row"], "prefill_tokens": m["tokens_per_row"]}
@@ -190,28 +190,29 @@ def _decode_step(config: ModelConfig, spec: CacheSpec, params, cache: KVCache, t
     dk, dv = cache.dense_k, cache.dense_v
     mk, mv, mvalid, mlen, mpos = cache.mod_k, cache.mod_v, cache.mod_valid, cache.mod_length, cache.mod_next_pos
     # The layer scans only READ the caches (closed over, never carried) and return the new
-    # token's keys/values; they are written once per group after its scan. Updating a carried
-    # cache inside the scan made XLA copy the whole stacked cache for every layer and step.
+    # token's keys/values; all of them are written after the last group, one update per cache.
+    # Updating a carried cache inside a scan made XLA copy the whole stacked cache for every
+    # layer and step; writing after each group interleaved writes with later groups' reads of
+    # the same array. No layer reads this token's entry (its own key/value enter the attention
+    # directly), so deferring the writes is exact.
     rows = jnp.arange(b)
-    ran = []
+    dense_kv, mod_out = [], []
     dense_i = mod_i = 0
     for start, stop, is_mod in layer_groups(config.text.num_layers, mods):
         group, fetch = layer_group(layers, start, stop, by_index=True)
         n = stop - start
         if not is_mod:
-            def dense_step(h, xs, dk=dk, dv=dv, fetch=fetch):
+            def dense_step(h, xs, fetch=fetch):
                 i, l = xs
                 h, kv = decode_layer(config, fetch(i), h, cos, sin, dk[l], dv[l], cache.dense_valid)
                 return h, kv
 
-            x, (ks, vs) = jax.lax.scan(dense_step, x, (group, jnp.arange(dense_i, dense_i + n)))
-            # Every row writes the same absolute slot T + step.
-            dk = jax.lax.dynamic_update_slice(dk, ks.astype(dk.dtype), (dense_i, 0, slot, 0, 0))
-            dv = jax.lax.dynamic_update_slice(dv, vs.astype(dv.dtype), (dense_i, 0, slot, 0, 0))
+            x, kv = jax.lax.scan(dense_step, x, (group, jnp.arange(dense_i, dense_i + n)))
+            dense_kv.append(kv)
             dense_i += n
             continue
 
-        def mod_step(h, xs, mk=mk, mv=mv, mvalid=mvalid, mpos=mpos, fetch=fetch):
+        def mod_step(h, xs, fetch=fetch):
             i, l, r = xs
             p = fetch(i)
             kernel = router if r is None else r
@@ -220,38 +221,50 @@ def _decode_step(config: ModelConfig, spec: CacheSpec, params, cache: KVCache, t
             layer_pos = mpos[l][:, None] if config.mod.compact_positions else pos
             c, s = rope(layer_pos)
 
-            def run(_):
-                return decode_layer(config, p, h, c, s, mk[l], mv[l], mvalid[l], mlp_scale=prob)
+            def run(h):
+                # The layer's weights are sliced from the stack here, inside the branch: sliced
+                # outside, the slices were operands of the conditional, so XLA materialised a
+                # copy of the whole layer's weights every step, also when the layer was skipped
+                # (outside, only the router's input norm is read).
+                y, (k, v) = decode_layer(config, fetch(i), h, c, s, mk[l], mv[l], mvalid[l], mlp_scale=prob)
+                return jnp.where(keep[:, None, None], y, h), (k, v)
 
-            if spec.skip_compute:
-                def skip(_):
-                    zeros = jnp.zeros((b, 1, config.text.num_kv_heads, config.text.head_dim), mk.dtype)
-                    return h, (zeros, zeros)
+            def skip(h):
+                zeros = jnp.zeros((b, 1, config.text.num_kv_heads, config.text.head_dim), mk.dtype)
+                return h, (zeros, zeros)
 
-                y, (k, v) = jax.lax.cond(keep[0], run, skip, None)
-            else:
-                y, (k, v) = run(None)
-            h = jnp.where(keep[:, None, None], y, h)
+            # A layer every row skips is skipped (at batch 1: the row's own decision); otherwise
+            # rows that skip keep their input (masked). The caches and the weight stack enter
+            # the conditional whole (read-only operands, not copied); only the hidden state and
+            # the new key/value come out.
+            h, (k, v) = jax.lax.cond(jnp.any(keep), run, skip, h)
             return h, (k[:, 0], v[:, 0], keep)
 
-        x, (ks, vs, keeps) = jax.lax.scan(
+        x, out = jax.lax.scan(
             mod_step, x, (group, jnp.arange(mod_i, mod_i + n), group_routers(config, router, start, stop)))
-        # Each row appends at its own next slot of each layer. Writing there when the row skipped
-        # is harmless: the slot stays invalid and the next token that runs the layer overwrites it.
-        layer_idx = jnp.arange(mod_i, mod_i + n)[:, None]
-        slots = mlen[mod_i:mod_i + n]
-        mk = mk.at[layer_idx, rows[None], slots].set(ks.astype(mk.dtype), unique_indices=True)
-        mv = mv.at[layer_idx, rows[None], slots].set(vs.astype(mv.dtype), unique_indices=True)
-        mvalid = mvalid.at[layer_idx, rows[None], slots].set(keeps, unique_indices=True)
-        step = keeps.astype(jnp.int32)
-        mlen = mlen.at[mod_i:mod_i + n].add(step)
-        mpos = mpos.at[mod_i:mod_i + n].add(step)
-        ran.append(keeps)
+        mod_out.append(out)
         mod_i += n
 
-    cache = KVCache(dense_k=dk, dense_v=dv, dense_valid=cache.dense_valid.at[:, slot].set(True),
+    dense_valid = cache.dense_valid.at[:, slot].set(True)
+    if dense_kv:
+        ks, vs = (jnp.concatenate(a) for a in zip(*dense_kv))  # [L_dense, B, 1, KV, hd]
+        # Every row writes the same absolute slot T + step.
+        dk = jax.lax.dynamic_update_slice(dk, _heads_major(ks).astype(dk.dtype), (0, 0, 0, slot, 0))
+        dv = jax.lax.dynamic_update_slice(dv, _heads_major(vs).astype(dv.dtype), (0, 0, 0, slot, 0))
+    if mod_out:
+        ks, vs, ran = (jnp.concatenate(a) for a in zip(*mod_out))  # [L_mod, B, KV, hd], ran [L_mod, B]
+        # Each row appends at its own next slot of each layer. Writing there when the row skipped
+        # is harmless: the slot stays invalid and the next token that runs the layer overwrites it.
+        # (The advanced indices around the heads slice put their broadcast [L_mod, B] first.)
+        layer_idx, slots = jnp.arange(ran.shape[0])[:, None], mlen
+        mk = mk.at[layer_idx, rows[None], :, slots].set(ks.astype(mk.dtype), unique_indices=True)
+        mv = mv.at[layer_idx, rows[None], :, slots].set(vs.astype(mv.dtype), unique_indices=True)
+        mvalid = mvalid.at[layer_idx, rows[None], slots].set(ran, unique_indices=True)
+        mlen, mpos = mlen + ran.astype(jnp.int32), mpos + ran.astype(jnp.int32)
+    else:
+        ran = jnp.zeros((0, b), bool)
+    cache = KVCache(dense_k=dk, dense_v=dv, dense_valid=dense_valid,
                     mod_k=mk, mod_v=mv, mod_valid=mvalid, mod_length=mlen, mod_next_pos=mpos)
-    ran = jnp.concatenate(ran) if ran else jnp.zeros((0, b), bool)
     return x, cache, ran
 
 
@@ -301,7 +314,7 @@ def _decode(params, cache: KVCache, first_logits, prompt_lengths, max_new_tokens
     n_mod = cache.mod_length.shape[0]
     state = dict(i=jnp.int32(1), last=first, tokens=tokens, done=is_eos(first), lengths=jnp.ones((b,), jnp.int32),
                  cache=cache, decode_kept=jnp.zeros((n_mod, b), jnp.int32),
-                 decode_tokens=jnp.zeros((b,), jnp.int32))
+                 decode_tokens=jnp.zeros((b,), jnp.int32), decode_layer_runs=jnp.zeros((n_mod,), jnp.int32))
 
     def cond(s):
         return (s["i"] < max_new_tokens) & ~jnp.all(s["done"])
@@ -317,10 +330,13 @@ def _decode(params, cache: KVCache, first_logits, prompt_lengths, max_new_tokens
         return dict(i=i + 1, last=nxt, tokens=jax.lax.dynamic_update_slice(s["tokens"], nxt[:, None], (0, i)),
                     done=s["done"] | is_eos(nxt), lengths=s["lengths"] + active.astype(jnp.int32), cache=cache,
                     decode_kept=s["decode_kept"] + (ran & active[None]).astype(jnp.int32),
-                    decode_tokens=s["decode_tokens"] + active.astype(jnp.int32))
+                    decode_tokens=s["decode_tokens"] + active.astype(jnp.int32),
+                    decode_layer_runs=s["decode_layer_runs"] + jnp.any(ran, axis=1).astype(jnp.int32))
 
     s = jax.lax.while_loop(cond, body, state)
-    stats = {"decode_kept": s["decode_kept"], "decode_tokens": s["decode_tokens"]}
+    # decode_layer_runs: decode steps in which each MoD layer was computed (some row kept it).
+    stats = {"decode_kept": s["decode_kept"], "decode_tokens": s["decode_tokens"],
+             "decode_layer_runs": s["decode_layer_runs"]}
     return s["tokens"], s["lengths"], stats, s["cache"]
 
 

@@ -15,7 +15,13 @@ length bucket):
   `mod_next_pos` differs from `mod_length` only when the selection kept padding (the capacity
   rule forces PAD in), because padding occupies a slot but never counts as a position.
 
-Keys are stored after RoPE, so decode never re-rotates the cache.
+Keys are stored after RoPE, so decode never re-rotates the cache. Caches are heads-major
+([..., B, KV, slots, hd]): the decode attention's batch dimensions (row, kv head) lead and the
+slots are contiguous per head, so its two contractions read the cache as it is stored. A
+slots-major cache ([..., B, slots, KV, hd], the prefill's natural order) made XLA transpose
+each layer's whole cache, K and V, at every decode step: a copy proportional to the cache
+length that the dense model (S = T + N slots in every layer) paid on far more slots than the
+γ-MoD model (K + N slots in its MoD layers).
 """
 
 from __future__ import annotations
@@ -34,22 +40,22 @@ from gmod_jax.layers.dtypes import DTYPES
 
 
 class KVCache(NamedTuple):
-    dense_k: jax.Array  # [L_dense, B, S, KV, hd] (layers in model order, MoD layers left out)
-    dense_v: jax.Array  # [L_dense, B, S, KV, hd]
+    dense_k: jax.Array  # [L_dense, B, KV, S, hd] (layers in model order, MoD layers left out)
+    dense_v: jax.Array  # [L_dense, B, KV, S, hd]
     dense_valid: jax.Array  # bool [B, S]
-    mod_k: jax.Array  # [L_mod, B, C, KV, hd] (MoD layers in model order)
-    mod_v: jax.Array  # [L_mod, B, C, KV, hd]
+    mod_k: jax.Array  # [L_mod, B, KV, C, hd] (MoD layers in model order)
+    mod_v: jax.Array  # [L_mod, B, KV, C, hd]
     mod_valid: jax.Array  # bool [L_mod, B, C]
     mod_length: jax.Array  # int32 [L_mod, B] slots in use = next write slot
     mod_next_pos: jax.Array  # int32 [L_mod, B] compacted RoPE position of the next appended token
 
     @property
     def dense_slots(self) -> int:
-        return self.dense_k.shape[2]
+        return self.dense_k.shape[3]
 
     @property
     def mod_slots(self) -> int:
-        return self.mod_k.shape[2]
+        return self.mod_k.shape[3]
 
 
 def pad_slots(x: jax.Array, axis: int, total: int, value=0) -> jax.Array:
@@ -65,7 +71,7 @@ def pad_slots(x: jax.Array, axis: int, total: int, value=0) -> jax.Array:
 def cached_attention(q, k_cache, v_cache, cache_valid, k_new, v_new, scale: float):
     """One query token per row against its cache plus its own key/value.
 
-    q [B,1,H,hd]; k_cache/v_cache [B,C,KV,hd]; cache_valid bool [B,C]; k_new/v_new [B,1,KV,hd].
+    q [B,1,H,hd]; k_cache/v_cache [B,KV,C,hd]; cache_valid bool [B,C]; k_new/v_new [B,1,KV,hd].
     The new token's own key is kept out of the cache here so the caller decides whether it is
     written (a MoD layer skipped by the token must not grow). The softmax over cache ∪ self is
     split in two parts instead of concatenating, which would copy the whole cache every step.
@@ -73,9 +79,13 @@ def cached_attention(q, k_cache, v_cache, cache_valid, k_new, v_new, scale: floa
     the value dtype.
     """
     b, _, h, d = q.shape
-    kv = k_cache.shape[2]
+    kv = k_cache.shape[1]
     qg = q.reshape(b, kv, h // kv, d)
-    s_cache = jnp.einsum("bkgd,bckd->bkgc", qg, k_cache).astype(jnp.float32) * scale
+    # One query per row: both products are matrix-vector work, written as multiply + reduce so
+    # XLA fuses them with the read of this layer's cache out of the stacked one (a dot needs
+    # its operand materialised: a copy of the layer's cache per layer and step).
+    s_cache = jnp.sum(qg[:, :, :, None, :].astype(jnp.float32) * k_cache[:, :, None].astype(jnp.float32),
+                      axis=-1) * scale
     s_cache = jnp.where(cache_valid[:, None, None, :], s_cache, jnp.finfo(jnp.float32).min)
     s_self = jnp.einsum("bkgd,bkd->bkg", qg, k_new[:, 0]).astype(jnp.float32) * scale
     top = jnp.maximum(jnp.max(s_cache, axis=-1), s_self)
@@ -84,7 +94,8 @@ def cached_attention(q, k_cache, v_cache, cache_valid, k_new, v_new, scale: floa
     denom = jnp.sum(e_cache, axis=-1) + e_self
     p_cache = (e_cache / denom[..., None]).astype(v_cache.dtype)
     p_self = (e_self / denom).astype(v_new.dtype)
-    out = jnp.einsum("bkgc,bckd->bkgd", p_cache, v_cache) + p_self[..., None] * v_new[:, 0][:, :, None, :]
+    out = (jnp.sum(p_cache[..., None].astype(jnp.float32) * v_cache[:, :, None].astype(jnp.float32), axis=-2)
+           .astype(v_cache.dtype) + p_self[..., None] * v_new[:, 0][:, :, None, :])
     return out.reshape(b, 1, h, d)
 
 
