@@ -256,7 +256,7 @@ def test_mod_training_skips_ratio_of_system_and_image(mod_hr):
 @pytest.mark.slow
 def test_mod_generation_with_caches_equals_reference(mod_hr):
     from gmod_jax.inference.generate import generate_ids
-    from gmod_jax.inference.reference import reference_generate
+    from tests.support.reference import reference_generate
 
     ids, _, px = _hr_batch(mod_hr.config, question=2, seed=3)
     prompts = [ids[0], ids[1, :-1]]
