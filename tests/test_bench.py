@@ -217,3 +217,30 @@ def test_threshold_routing_loss_is_logistic_at_the_official_threshold():
     assert got == pytest.approx(want, rel=1e-5)
     # the boundary is the official threshold, not r = 0.5: r = 0.006 is on the kept side
     assert per_token[0, 1] < np.log(2) and per_token[0, 2] < np.log(2)
+
+
+def test_calibrate_router_scale_finds_the_target_skip():
+    """The calibration's bisection on a monotone stand-in for the official walk (skip = a ramp in
+    the router-kernel scale): it lands within the tolerance of the target, probes scales on the
+    correct side after each overshoot, and scales every router tensor, nothing else."""
+    import numpy as np
+
+    from gmod_jax.bench.router_fit import calibrate_router_scale
+
+    params = {"llm": {"mod_router": {"kernel": np.full((4, 1), 0.5)}, "other": np.ones(3)}}
+    seen = []
+
+    def skip_of(p):
+        assert np.array_equal(p["llm"]["other"], np.ones(3))
+        scale = float(p["llm"]["mod_router"]["kernel"][0, 0]) / 0.5
+        seen.append(scale)
+        return {"routable_skip": float(np.clip(0.15 * scale, 0.0, 1.0)), "skip": 0.0}
+
+    scale, skips, history = calibrate_router_scale(skip_of, params, target=0.6, tolerance=0.01)
+    assert abs(skips["routable_skip"] - 0.6) <= 0.01 and scale == pytest.approx(4.0, rel=0.07)
+    assert [h[0] for h in history] == pytest.approx(seen)
+    for (s0, k0), (s1, _) in zip(history, history[1:]):
+        assert (s1 < s0) if k0 > 0.6 else (s1 > s0)
+    # already on target: one probe, scale 1
+    scale, _, history = calibrate_router_scale(lambda p: {"routable_skip": 0.5, "skip": 0.0}, params, 0.5)
+    assert scale == 1.0 and len(history) == 1

@@ -75,6 +75,10 @@ class BenchConfig:
     # share of the routable tokens (`gmod_jax.bench.router_fit`). The other rows keep the
     # unfitted router.
     official_rule_rows: bool = False
+    # The official rule's capacity buckets (`MoDConfig.threshold_buckets`: equal steps of T). A MoD
+    # layer runs the smallest bucket holding its kept tokens, so up to T / buckets slots per layer
+    # are computed for nothing; finer buckets track the realised skip closer for a larger program.
+    threshold_buckets: int = 8
     router_fit_steps: int = 40
     router_fit_lr: float = 1.0
     torch_baseline: bool = True  # HF LlavaForConditionalGeneration on the dense weights (prefill)
@@ -107,8 +111,9 @@ class BenchConfig:
         return self.system_tokens + self.model.image_seq_length + self.question_tokens
 
     def mod_model_config(self) -> ModelConfig:
-        return gamma_mod(self.model, self.placement, self.routing_ratio, self.mod_layers,
-                         inference_routing=self.inference_routing, masking=self.masking)
+        config = gamma_mod(self.model, self.placement, self.routing_ratio, self.mod_layers,
+                           inference_routing=self.inference_routing, masking=self.masking)
+        return config.replace(mod=dataclasses.replace(config.mod, threshold_buckets=self.threshold_buckets))
 
 
 def load_config(path: str | os.PathLike) -> BenchConfig:

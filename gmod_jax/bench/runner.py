@@ -645,8 +645,10 @@ def run(config: BenchConfig, only: tuple[str, ...] = (), on_case: Callable[[list
         fitted, ctx.router_fit = router_fit.fit_router(mod, prompts, config.router_fit_steps,
                                                        config.router_fit_lr / config.model.text.hidden_size)
         ctx.official = Model(config=router_fit.official_rule_config(mod.config), params=fitted.params)
-        _log(f"  official-rule routable skip {ctx.router_fit['official_routable_skip']:.3f} (capacity rule "
-             f"{ctx.router_fit['target_routable_skip']:.3f}) [{ctx.router_fit['fit_s']:.0f} s]")
+        fit = ctx.router_fit
+        _log(f"  official-rule routable skip {fit['official_routable_skip']:.3f} (capacity rule "
+             f"{fit['target_routable_skip']:.3f}; {fit['official_routable_skip_fitted']:.3f} before the router "
+             f"scale {fit['router_scale']:.3g}) [{fit['fit_s']:.0f} s]")
     rows = []
     for case in config.cases:
         if only and case.name not in only:
