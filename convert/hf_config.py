@@ -928,8 +928,9 @@ def to_llava_hr_config(config: ModelConfig, extras: dict | None = None, gamma_mo
     extras = extras or {}
     v = config.vision
     if v.tower != "multipath":
+        formats = {"mgm": ("gamma_mod_mgm", "mgm")}.get(v.tower, ("gamma_mod", "hf"))
         raise ConversionError(f"not a LLaVA-HR checkpoint (vision tower {v.tower!r}); export with --format "
-                              f"{'gamma_mod' if config.mod.enabled else 'hf'}")
+                              f"{formats[0] if config.mod.enabled else formats[1]}")
     if gamma_mod:
         _check_gamma_mod(config, "gamma_mod_hr")
     elif config.mod.enabled:

@@ -185,3 +185,29 @@ def test_plain_mgm_round_trips_and_matches_the_reference_tree(tmp_path, referenc
     (src / "config.json").write_text(json.dumps(mf.official_config(non_hd)))
     config, _, _ = pipeline.load_params(src)
     assert config.vision == non_hd.vision and config.image_seq_length == 4
+
+
+def test_real_mgm_hd_7b_geometry_is_read_from_headers():
+    """γ-MoD-MGM-HD-7B as released (no mm_vision_config: CLIP-L/336's heads from the OpenAI head
+    width; ConvNeXt-L's depths and widths from the aux keys) reads back to the preset, from the
+    checkpoint's own keys or from an open_clip checkpoint's."""
+    from convert import hf_config, keymap, pipeline as pl
+
+    cfg = C.gamma_mod_mgm_hd_7b()
+    raw = mf.official_config(cfg, list(cfg.mod.layers), aux_name="laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft-soup")
+    del raw["mm_vision_config"]
+    raw["tokenizer_model_max_length"] = cfg.tokenizer_model_max_length
+    shapes = {keymap.export_key(cfg, c, "gamma_mod_mgm"): t.torch_shape for c, t in keymap.expected_keys(cfg).items()}
+    shapes[f"model.layers.{cfg.mod.layers[0]}.router.weight"] = (2, cfg.text.hidden_size)
+    source = hf_config.mgm_config(raw, shapes)
+    assert source.kind == "gamma_mod_mgm" and source.model.vision == cfg.vision and source.model.text == cfg.text
+    assert source.model.mod == cfg.mod and source.model.image_seq_length == 2880
+    assert source.model.tokenizer_model_max_length == cfg.tokenizer_model_max_length
+
+    class OpenClipHeaders:  # what pipeline.aux_shapes reads: an open_clip checkpoint's header
+        entries = {("visual.trunk." + k[len(mf.AUX + "vision_"):]): type("E", (), {"shape": s})()
+                   for k, s in shapes.items() if k.startswith(mf.AUX)}
+
+    bare = {k: s for k, s in shapes.items() if not k.startswith(mf.AUX)}
+    again = hf_config.mgm_config(raw, bare, aux_shapes=pl.aux_shapes(OpenClipHeaders))
+    assert again.model == source.model
