@@ -1,8 +1,9 @@
-"""`python -m convert --src DIR --out DIR [--vision-tower DIR] [--dtype keep|float32|bfloat16|float16]`
+"""`python -m convert --src DIR --out DIR [--vision-tower DIR] [--vision-tower-aux FILE|DIR] [--dtype ...]`
 
 Converts an HF LLaVA (layouts A-D), original LLaVA (E, with `--vision-tower` when the tower is
-not in the checkpoint), γ-MoD `mod_llava_llama`, LLaVA-HR or γ-MoD-LLaVA-HR checkpoint into a
-gmod-jax Orbax checkpoint.
+not in the checkpoint), γ-MoD `mod_llava_llama`, LLaVA-HR, γ-MoD-LLaVA-HR, Mini-Gemini (`mgm`) or
+γ-MoD-MGM (`mod_mgm`) checkpoint into a gmod-jax Orbax checkpoint (Mini-Gemini's towers, when
+the checkpoint lacks them, from `--vision-tower` and `--vision-tower-aux`).
 Exit status 0 on success, 2 on a conversion error (message on stderr, no output left behind).
 """
 
@@ -22,7 +23,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--src", required=True, help="PyTorch checkpoint directory (config.json + weights)")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--vision-tower", default=None,
-                   help="CLIP checkpoint directory for original-LLaVA checkpoints without the tower")
+                   help="CLIP checkpoint directory for original-LLaVA / Mini-Gemini checkpoints without the tower")
+    p.add_argument("--vision-tower-aux", default=None,
+                   help="open_clip ConvNeXt checkpoint (file or directory; visual.trunk.* keys) for Mini-Gemini "
+                        "checkpoints without the aux tower")
     p.add_argument("--dtype", default="keep", choices=DTYPE_POLICIES,
                    help="parameter dtype: keep the source's (default) or cast every tensor")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -37,7 +41,7 @@ def main(argv=None) -> int:
     log = None if args.json else (lambda msg: print(msg, file=sys.stderr))
     try:
         summary = convert_checkpoint(args.src, args.out, args.vision_tower, args.dtype, args.overwrite,
-                                     args.batch_mb * 2**20, log)
+                                     args.batch_mb * 2**20, log, args.vision_tower_aux)
     except (ConversionError, FileExistsError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -46,7 +50,8 @@ def main(argv=None) -> int:
     else:
         print(f"layout      {summary['layout']}: {summary['layout_description']}")
         print(f"container   {summary['container']} ({summary['shards']} shard(s))"
-              + (f" + vision tower {summary['vision_tower_source']}" if summary["vision_tower_source"] else ""))
+              + (f" + vision tower {summary['vision_tower_source']}" if summary["vision_tower_source"] else "")
+              + (f" + aux tower {summary['vision_tower_aux_source']}" if summary["vision_tower_aux_source"] else ""))
         print(f"params      {summary['num_params']:,} ({summary['dtype']})")
         print(f"read        {summary['source_bytes'] / 1e9:.3f} GB in {summary['seconds']:.2f} s "
               f"({summary['gb_per_s']:.2f} GB/s)")

@@ -16,9 +16,9 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from convert import strict_json
+from convert import keymap, strict_json
 from convert.errors import ConversionError, UnsupportedFormatError, raise_if_any
-from convert.keymap import HR_ADAPTERS, HR_FAST, HR_SLOW, is_multipath_key
+from convert.keymap import HR_ADAPTERS, HR_FAST, HR_SLOW, MGM_AUX, is_mgm_key, is_multipath_key
 from gmod_jax.config import (MAX_INT, PROJECTOR_TYPE, ConfigError, ConvNeXtConfig, LlamaConfig, ModelConfig, MoDConfig,
                              ProjectorConfig, VisionConfig, feature_layer_problem, is_int, is_real, short)
 
@@ -72,6 +72,8 @@ KIND_ORIGINAL = "original_llava"
 KIND_GAMMA_MOD = "gamma_mod"
 KIND_LLAVA_HR = "llava_hr"  # LLaVA-HR: original-LLaVA config + multi-path tower
 KIND_GAMMA_MOD_HR = "gamma_mod_hr"  # γ-MoD-LLaVA-HR: mod_llava_llama + multi-path tower
+KIND_MGM = "mgm"  # Mini-Gemini: CLIP main tower + open_clip ConvNeXt aux tower + patch info mining
+KIND_GAMMA_MOD_MGM = "gamma_mod_mgm"  # γ-MoD-MGM: mod_mgm
 
 # LLaVA-HR's slow tower: what its weights cannot tell comes from the timm entry point in
 # `vision_tower_slow` (llava-hr-and-mgm.md §1.4). Only ConvNeXt-L is supported; ConvNeXt-XXL
@@ -80,6 +82,12 @@ HR_SLOW_EPS = {"convnext_large_mlp": 1e-6}
 HR_SLOW_DEFAULT = "convnext_large_mlp.clip_laion2b_ft_320"  # LLaVA-HR train.py's default
 CONVNEXT_XXL = {"depths": (3, 4, 30, 3), "dims": (384, 768, 1536, 3072)}
 OPENAI_CLIP_HEAD_DIM = 64  # every OpenAI CLIP ViT (B/32 ... L/14-336): heads = width / 64
+
+# Mini-Gemini's aux tower: the official builder accepts only open_clip's ConvNeXt-L
+# (`convnext_large_d_320`, a timm convnext_large: LayerNorm eps 1e-6; llava-hr-and-mgm.md §4.1) and
+# requires "convnext" and "large" in the path. Its weights tell everything but the eps.
+MGM_AUX_DEFAULT = "openclip-convnext-large-d-320-laion2B-s29B-b131K-ft-soup"
+MGM_AUX_EPS = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,18 +112,17 @@ def load_json(path: str | os.PathLike) -> dict:
 
 def detect_kind(raw: dict, keys: Iterable[str] = ()) -> str:
     """Classify a config.json (and the weights' key names, which mark LLaVA-HR's multi-path tower
-    when the config lacks `is_multipath_encoder`); raise for known-but-unsupported families (MGM,
-    LLaVA-1.6)."""
+    when the config lacks `is_multipath_encoder`, and Mini-Gemini's aux tower / projectors); raise
+    for known-but-unsupported families (LLaVA-1.6)."""
     model_type = raw.get("model_type")
-    if model_type in ("mgm", "mod_mgm") or "mm_vision_tower_aux" in raw:
-        raise UnsupportedFormatError(
-            "Mini-Gemini (MGM) checkpoints (mm_vision_tower_aux) are not supported yet: the converter and model "
-            "lack the open_clip ConvNeXt aux tower and the patch-info-mining resampler (vlm_uni_* projectors)")
+    keys = list(keys)
+    gamma_mod = model_type in ("mod_llava_llama", "mod_mgm") or isinstance(raw.get("mod"), dict)
+    if model_type in ("mgm", "mod_mgm") or "mm_vision_tower_aux" in raw or any(map(is_mgm_key, keys)):
+        return KIND_GAMMA_MOD_MGM if gamma_mod else KIND_MGM
     if "unpad" in str(raw.get("mm_patch_merge_type", "")) or raw.get("image_aspect_ratio") == "anyres":
         raise UnsupportedFormatError(
             "LLaVA-1.6 any-resolution checkpoints (mm_patch_merge_type *unpad / image_aspect_ratio anyres) are not "
             "supported yet: missing image tiling and the image_newline parameter")
-    gamma_mod = model_type == "mod_llava_llama" or isinstance(raw.get("mod"), dict)
     if raw.get("is_multipath_encoder") is True or "vision_tower_slow" in raw or any(map(is_multipath_key, keys)):
         return KIND_GAMMA_MOD_HR if gamma_mod else KIND_LLAVA_HR
     if gamma_mod:
@@ -230,7 +237,7 @@ class _Fields:
         return {f"{section}.{f.name}": self.prefix + renames.get(f.name, f.name) for f in dataclasses.fields(klass)}
 
 
-_OPTIONAL_FIELDS = ("head_dim", "rope_scaling", "pad_token_id")
+_OPTIONAL_FIELDS = ("head_dim", "rope_scaling", "pad_token_id", "tokenizer_model_max_length")
 _PROJECT_FIELD = re.compile(r"\b(?:text|vision|mod|projector|config)\.[a-z_]+")
 _LAYER_FIELDS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
                  "num_kv_heads": "num_key_value_heads"}
@@ -399,6 +406,19 @@ def original_llava_config(raw: dict, vision_tower_dir: str | os.PathLike | None 
     kind = detect_kind(raw)
     root = _Fields(raw, where)
     llama, tower_name = _flat_llama(root)
+    v, depth, defaults = _clip_fields(root, tower_name, vision_tower_dir)
+    strategies = {"patch": "default", "cls_patch": "full"}
+    select = root.str("mm_vision_select_feature", "patch", tuple(strategies))
+    feature_layer = root.feature_layer("mm_vision_select_layer", -1, depth)
+    vision = _vision(v, defaults, depth, feature_layer, strategies.get(select))
+    return _original_model(root, kind, llama, vision, {"vision_tower_name": tower_name})
+
+
+def _clip_fields(root: _Fields, tower_name: str | None, vision_tower_dir) -> tuple[_Fields | None, int | None, dict]:
+    """(fields, num_layers, defaults) of the CLIP tower of a flat config whose weights do not hold
+    it: the --vision-tower directory's config.json, else `mm_vision_config`, else CLIP-L/336 by
+    name."""
+    where = root.where
     defaults = CLIP_VISION_DEFAULTS
     if vision_tower_dir is not None:
         tower_path = Path(vision_tower_dir) / "config.json"
@@ -407,7 +427,7 @@ def original_llava_config(raw: dict, vision_tower_dir: str | os.PathLike | None 
         nested = tower_cfg.raw("model_type") == "clip" or "vision_config" in tower_cfg.data
         section = tower_cfg.section("vision_config") if nested else tower_cfg
         v, depth = _vision_tower(section, defaults, tower_cfg, invalid=tower_cfg.raw("vision_config") is not None)
-    elif raw.get("mm_vision_config") is not None:  # written by convert.to_hf --format gamma_mod
+    elif root.data.get("mm_vision_config") is not None:  # written by convert.to_hf --format gamma_mod
         v, depth = _vision_tower(root.section("mm_vision_config"), defaults, root, invalid=True)
     elif tower_name is None or tower_name.rstrip("/").endswith("clip-vit-large-patch14-336"):
         defaults = CLIP_L_336
@@ -416,14 +436,11 @@ def original_llava_config(raw: dict, vision_tower_dir: str | os.PathLike | None 
         raise ConversionError(
             f"{where}: vision tower {short(tower_name)} is not CLIP-L/336; pass --vision-tower DIR (a CLIP checkpoint "
             "directory with its config.json) so its shape is known")
-    strategies = {"patch": "default", "cls_patch": "full"}
-    select = root.str("mm_vision_select_feature", "patch", tuple(strategies))
-    feature_layer = root.feature_layer("mm_vision_select_layer", -1, depth)
-    vision = _vision(v, defaults, depth, feature_layer, strategies.get(select))
-    return _original_model(root, kind, llama, vision, {"vision_tower_name": tower_name})
+    return v, depth, defaults
 
 
-def _original_model(root: _Fields, kind: str, llama, vision, extras: dict) -> SourceConfig:
+def _original_model(root: _Fields, kind: str, llama, vision, extras: dict, model_kw: dict | None = None,
+                    mod_kw: dict | None = None) -> SourceConfig:
     """The fields original LLaVA, γ-MoD and LLaVA-HR configs share: projector, `mod`, token ids;
     every problem of the file is raised together."""
     projector_type = root.str("mm_projector_type", "linear")
@@ -443,13 +460,14 @@ def _original_model(root: _Fields, kind: str, llama, vision, extras: dict) -> So
         "source_dtype": _source_dtype(root.data),
     }
     mod_section = root.section("mod")
-    if kind in (KIND_GAMMA_MOD, KIND_GAMMA_MOD_HR) and llama is not None and (
+    if kind in (KIND_GAMMA_MOD, KIND_GAMMA_MOD_HR, KIND_GAMMA_MOD_MGM) and llama is not None and (
             mod_section is not None or root.data.get("mod") is None):
-        mod, mod_extras = _mod(mod_section or _Fields({}, root.where, "mod.", root.problems), llama.num_layers)
+        mod, mod_extras = _mod(mod_section or _Fields({}, root.where, "mod.", root.problems), llama.num_layers,
+                               **(mod_kw or {}))
         extras.update(mod_extras)
     pad = _pad_token_id(root, "pad_token_id", None, llama.vocab_size if llama else None)
     _raise_problems(root.problems, root.where)
-    model = _model_config(root, vision, projector, llama, mod, ORIGINAL_IMAGE_TOKEN_INDEX, pad)
+    model = _model_config(root, vision, projector, llama, mod, ORIGINAL_IMAGE_TOKEN_INDEX, pad, **(model_kw or {}))
     return SourceConfig(kind, model, root.data, extras)
 
 
@@ -501,8 +519,6 @@ def llava_hr_config(raw: dict, shapes: Mapping[str, tuple[int, ...]], where: str
     return _original_model(root, kind, llama, vision, extras)
 
 
-_HR_CLIP_LAYER = re.compile(re.escape(HR_FAST) + r"encoder\.layers\.(\d+)\.")
-_HR_SLOW_BLOCK = re.compile(re.escape(HR_SLOW) + r"stages\.(\d+)\.blocks\.(\d+)\.")
 
 
 def _shape_of(shapes: Mapping[str, tuple[int, ...]], key: str, rank: int, root: _Fields):
@@ -511,22 +527,24 @@ def _shape_of(shapes: Mapping[str, tuple[int, ...]], key: str, rank: int, root: 
     if shape is None:
         root.problems.append(f"missing key {key} (the tower's geometry is read from it)")
     elif len(shape) != rank or not all(shape):
-        root.problems.append(f"{key}: shape {list(shape)} is not a rank-{rank} tensor of a LLaVA-HR tower")
+        root.problems.append(f"{key}: shape {list(shape)} is not a rank-{rank} tensor of a vision tower")
         shape = None
     return shape
 
 
-def _hr_fast_geometry(shapes, root: _Fields) -> dict | None:
-    """CLIP fast-path fields (CLIPVisionConfig names) read off the weights."""
-    patch = _shape_of(shapes, HR_FAST + "embeddings.patch_embedding.weight", 4, root)  # [d, c, p, p]
-    pos = _shape_of(shapes, HR_FAST + "embeddings.position_embedding.weight", 2, root)  # [grid² + 1, d]
-    fc1 = _shape_of(shapes, HR_FAST + "encoder.layers.0.mlp.fc1.weight", 2, root)  # [f, d]
-    layers = {int(m.group(1)) for m in map(_HR_CLIP_LAYER.match, shapes) if m}
+def _hr_fast_geometry(shapes, root: _Fields, prefix: str = HR_FAST) -> dict | None:
+    """CLIP fields (CLIPVisionConfig names) read off the weights under `prefix` (LLaVA-HR's fast
+    path, Mini-Gemini's main tower)."""
+    patch = _shape_of(shapes, prefix + "embeddings.patch_embedding.weight", 4, root)  # [d, c, p, p]
+    pos = _shape_of(shapes, prefix + "embeddings.position_embedding.weight", 2, root)  # [grid² + 1, d]
+    fc1 = _shape_of(shapes, prefix + "encoder.layers.0.mlp.fc1.weight", 2, root)  # [f, d]
+    layer_re = re.compile(re.escape(prefix) + r"encoder\.layers\.(\d+)\.")
+    layers = {int(m.group(1)) for m in map(layer_re.match, shapes) if m}
     if patch is None or pos is None or fc1 is None:
         return None
     grid = math.isqrt(pos[0] - 1)
     if grid * grid != pos[0] - 1:
-        root.problems.append(f"{HR_FAST}embeddings.position_embedding.weight: {pos[0]} rows is not 1 + a square grid")
+        root.problems.append(f"{prefix}embeddings.position_embedding.weight: {pos[0]} rows is not 1 + a square grid")
         return None
     width = patch[0]
     return {
@@ -537,53 +555,95 @@ def _hr_fast_geometry(shapes, root: _Fields) -> dict | None:
     }
 
 
-def _hr_slow_trunk(shapes, name: str | None, root: _Fields) -> ConvNeXtConfig | None:
-    """The ConvNeXt slow trunk read off the weights; its LayerNorm eps from the timm entry point
-    named in `vision_tower_slow`."""
+def _trunk_geometry(shapes, stages: str, stem: str, layer_scale: str, root: _Fields, what: str) -> dict | None:
+    """A timm ConvNeXt trunk's geometry read off its weights' key names and shapes: `stages` and
+    `stem` are the on-disk prefixes of `stages.S.blocks.B.*` and `stem.{0,1}.*`."""
+    block_re = re.compile(re.escape(stages) + r"(\d+)\.blocks\.(\d+)\.")
     blocks: dict[int, int] = {}
-    for m in map(_HR_SLOW_BLOCK.match, shapes):
+    for m in map(block_re.match, shapes):
         if m:
             stage, block = int(m.group(1)), int(m.group(2))
             blocks[stage] = max(blocks.get(stage, 0), block + 1)
     if not blocks:
-        root.problems.append(f"the weights hold no ConvNeXt slow tower blocks ({HR_SLOW}stages.S.blocks.B.*)")
+        root.problems.append(f"the weights hold no {what} blocks ({stages}S.blocks.B.*)")
         return None
     if max(blocks) >= len(shapes):  # a stray index: the stage list would grow with it, not the file
-        root.problems.append(f"{HR_SLOW}stages.{max(blocks)}: stage index beyond the {len(shapes)} tensors held")
+        root.problems.append(f"{stages}{max(blocks)}: stage index beyond the {len(shapes)} tensors held")
         return None
     depths = tuple(blocks.get(i, 0) for i in range(max(blocks) + 1))
-    stem = _shape_of(shapes, HR_SLOW + "stem.0.weight", 4, root)  # [dims[0], c, p, p]
-    norms = [_shape_of(shapes, f"{HR_SLOW}stages.{i}.blocks.0.norm.weight", 1, root) for i in range(len(depths))]
-    dw = _shape_of(shapes, HR_SLOW + "stages.0.blocks.0.conv_dw.weight", 4, root)  # [C, 1, k, k]
-    fc1 = _shape_of(shapes, HR_SLOW + "stages.0.blocks.0.mlp.fc1.weight", 2, root)  # [ratio·C, C]
-    if stem is None or dw is None or fc1 is None or None in norms:
+    stem_w = _shape_of(shapes, stem + "0.weight", 4, root)  # [dims[0], c, p, p]
+    norms = [_shape_of(shapes, f"{stages}{i}.blocks.0.norm.weight", 1, root) for i in range(len(depths))]
+    dw = _shape_of(shapes, stages + "0.blocks.0.conv_dw.weight", 4, root)  # [C, 1, k, k]
+    fc1 = _shape_of(shapes, stages + "0.blocks.0.mlp.fc1.weight", 2, root)  # [ratio·C, C]
+    if stem_w is None or dw is None or fc1 is None or None in norms:
         return None
     dims = tuple(n[0] for n in norms)
+    if fc1[0] % dims[0]:
+        root.problems.append(f"{stages}0.blocks.0.mlp.fc1.weight: {fc1[0]} rows are not a multiple of the "
+                             f"stage width {dims[0]}")
+        return None
+    return {"depths": depths, "dims": dims, "patch_size": stem_w[2], "kernel_size": dw[2],
+            "mlp_ratio": fc1[0] // dims[0], "layer_scale": f"{stages}0.blocks.0.{layer_scale}" in shapes}
+
+
+def _is_xxl(name: str | None, geometry: dict) -> bool:
+    return ("xxlarge" in (name or "").lower() or geometry["depths"] == CONVNEXT_XXL["depths"]
+            or geometry["dims"] == CONVNEXT_XXL["dims"])
+
+
+def _convnext(geometry: dict, eps: float, root: _Fields, what: str) -> ConvNeXtConfig | None:
+    try:
+        return ConvNeXtConfig(**geometry, norm_eps=eps)
+    except ConfigError as e:
+        root.problems.extend(f"{root.where}: {what} read from the weights: {p}" for p in e.problems)
+        return None
+
+
+def _hr_slow_trunk(shapes, name: str | None, root: _Fields) -> ConvNeXtConfig | None:
+    """The ConvNeXt slow trunk read off the weights; its LayerNorm eps from the timm entry point
+    named in `vision_tower_slow`."""
+    geometry = _trunk_geometry(shapes, HR_SLOW + "stages.", HR_SLOW + "stem.", "weight", root,
+                               "ConvNeXt slow tower")
+    if geometry is None:
+        return None
     family = None if name is None else name.rstrip("/").rsplit("/", 1)[-1].split(".")[0]
-    if "xxlarge" in (family or "") or depths == CONVNEXT_XXL["depths"] or dims == CONVNEXT_XXL["dims"]:
+    if _is_xxl(family, geometry):
         raise UnsupportedFormatError(
             f"{root.where}: the slow tower is ConvNeXt-XXL (convnext_xxlarge, LLaVA-HR-X: depths (3, 4, 30, 3), dims "
             f"(384, 768, 1536, 3072), LayerNorm eps 1e-5; this checkpoint: vision_tower_slow {short(name)}, depths "
-            f"{list(depths)}, dims {list(dims)}), which is not supported: only LLaVA-HR's ConvNeXt-L slow tower "
-            "(convnext_large_mlp, LayerNorm eps 1e-6) is")
+            f"{list(geometry['depths'])}, dims {list(geometry['dims'])}), which is not supported: only LLaVA-HR's "
+            "ConvNeXt-L slow tower (convnext_large_mlp, LayerNorm eps 1e-6) is")
     if family not in HR_SLOW_EPS:
         raise UnsupportedFormatError(
             f"{root.where}: vision_tower_slow {short(name)} is not supported (known: {', '.join(HR_SLOW_EPS)}); its "
             "LayerNorm eps cannot be read from the weights")
-    if fc1[0] % dims[0]:
-        root.problems.append(f"{HR_SLOW}stages.0.blocks.0.mlp.fc1.weight: {fc1[0]} rows are not a multiple of the "
-                             f"stage width {dims[0]}")
-        return None
-    try:
-        return ConvNeXtConfig(depths=depths, dims=dims, patch_size=stem[2], kernel_size=dw[2],
-                              norm_eps=HR_SLOW_EPS[family], mlp_ratio=fc1[0] // dims[0],
-                              layer_scale=f"{HR_SLOW}stages.0.blocks.0.weight" in shapes)
-    except ConfigError as e:
-        root.problems.extend(f"{root.where}: ConvNeXt slow tower read from the weights: {p}" for p in e.problems)
-        return None
+    return _convnext(geometry, HR_SLOW_EPS[family], root, "ConvNeXt slow tower")
 
 
-def _mod(mod: _Fields, num_layers: int) -> tuple[MoDConfig, dict]:
+def mgm_aux_supported(name: str) -> bool:
+    """Whether `mm_vision_tower_aux` names the open_clip ConvNeXt-L the official builder loads."""
+    base = name.rstrip("/").rsplit("/", 1)[-1].lower()
+    return "convnext" in base and "large" in base and "xxlarge" not in base
+
+
+def _mgm_aux_trunk(shapes, name: str, root: _Fields) -> ConvNeXtConfig | None:
+    """Mini-Gemini's aux ConvNeXt read off the weights (`shapes` under the checkpoint's names,
+    model.vision_tower_aux.*); its LayerNorm eps from `mm_vision_tower_aux`, which must name
+    open_clip's ConvNeXt-L (the only aux tower the official code builds)."""
+    geometry = _trunk_geometry(shapes, MGM_AUX + "vision_stages.", MGM_AUX + "vision_stem.", "gamma", root,
+                               "Mini-Gemini aux ConvNeXt")
+    if geometry is not None and _is_xxl(name, geometry) or not mgm_aux_supported(name):
+        seen = "" if geometry is None else f", depths {list(geometry['depths'])}, dims {list(geometry['dims'])}"
+        raise UnsupportedFormatError(
+            f"{root.where}: mm_vision_tower_aux {short(name)}{seen} is not supported: only open_clip's ConvNeXt-L "
+            "(convnext_large_d_320, LayerNorm eps 1e-6; the name must contain 'convnext' and 'large') is, as in the "
+            "official Mini-Gemini code; ConvNeXt-XXL (depths (3, 4, 30, 3), dims (384, 768, 1536, 3072)) is not")
+    if geometry is None:
+        return None
+    return _convnext(geometry, MGM_AUX_EPS, root, "Mini-Gemini aux ConvNeXt")
+
+
+def _mod(mod: _Fields, num_layers: int, **mod_kw) -> tuple[MoDConfig, dict]:
     """γ-MoD's `mod` dict. `capacity_factor` is recorded but not applied: the official code ignores
     it (its routing ratio is a hard-coded 0.5, which is MoDConfig's default)."""
     capacity = mod.raw("capacity_factor")
@@ -602,34 +662,117 @@ def _mod(mod: _Fields, num_layers: int) -> tuple[MoDConfig, dict]:
         return MoDConfig(), extras
     coef = mod.float("router_aux_loss_coef", 0.01, positive=False)
     config = mod.build(MoDConfig, {**mod.names("mod", MoDConfig, {}), "mod.layers": "mod.mod_layers_idx"}, enabled=True,
-                       layers=tuple(sorted(set(layers))), router_aux_loss_coef=coef)
+                       layers=tuple(sorted(set(layers))), router_aux_loss_coef=coef, **mod_kw)
     return config or MoDConfig(), extras
 
 
-def _model_config(root: _Fields, vision, projector, llama, mod, image_token, pad) -> ModelConfig:
+def _model_config(root: _Fields, vision, projector, llama, mod, image_token, pad, **model_kw) -> ModelConfig:
     names = {**root.names("config", ModelConfig, {}), "mod.layers": "mod.mod_layers_idx"}
     model = root.build(ModelConfig, names, vision=vision, projector=projector, text=llama, mod=mod,
-                       image_token_index=image_token, pad_token_id=pad)
+                       image_token_index=image_token, pad_token_id=pad, **model_kw)
     _raise_problems(root.problems, root.where)
     return model
 
 
 def read_source_config(src_dir: str | os.PathLike, vision_tower_dir: str | os.PathLike | None = None,
-                       shapes: Mapping[str, tuple[int, ...]] | None = None) -> SourceConfig:
+                       shapes: Mapping[str, tuple[int, ...]] | None = None,
+                       aux_shapes: Mapping[str, tuple[int, ...]] | None = None,
+                       vision_tower_aux: str | os.PathLike | None = None) -> SourceConfig:
     """Parse `<src_dir>/config.json` of any supported kind; `shapes` (on-disk key -> shape of the
-    weights) is where LLaVA-HR's tower geometry is read."""
+    weights) is where LLaVA-HR's and Mini-Gemini's tower geometry is read, `aux_shapes` those of
+    a --vision-tower-aux checkpoint under Mini-Gemini's names (`vision_tower_aux` is its path,
+    only accepted for Mini-Gemini)."""
     path = Path(src_dir) / "config.json"
     raw = load_json(path)
     shapes = shapes or {}
     kind = detect_kind(raw, shapes)
     if kind in (KIND_HF, KIND_LLAVA_HR, KIND_GAMMA_MOD_HR) and vision_tower_dir is not None:
-        raise ConversionError("--vision-tower is only for original-LLaVA / γ-MoD checkpoints without a tower; an HF "
-                              "LLaVA or LLaVA-HR checkpoint carries its own vision tower")
+        raise ConversionError("--vision-tower is only for original-LLaVA / γ-MoD / Mini-Gemini checkpoints without a "
+                              "tower; an HF LLaVA or LLaVA-HR checkpoint carries its own vision tower")
+    if kind not in (KIND_MGM, KIND_GAMMA_MOD_MGM) and vision_tower_aux is not None:
+        raise ConversionError(f"--vision-tower-aux is only for Mini-Gemini (mgm / mod_mgm) checkpoints; {path} is "
+                              f"a {kind} config")
     if kind == KIND_HF:
         return hf_llava_config(raw, str(path))
     if kind in (KIND_LLAVA_HR, KIND_GAMMA_MOD_HR):
         return llava_hr_config(raw, shapes, str(path))
+    if kind in (KIND_MGM, KIND_GAMMA_MOD_MGM):
+        return mgm_config(raw, shapes, str(path), vision_tower_dir, aux_shapes)
     return original_llava_config(raw, vision_tower_dir, str(path))
+
+
+def mgm_config(raw: dict, shapes: Mapping[str, tuple[int, ...]], where: str = "config.json",
+               vision_tower_dir: str | os.PathLike | None = None,
+               aux_shapes: Mapping[str, tuple[int, ...]] | None = None) -> SourceConfig:
+    """Mini-Gemini (`mgm`) / γ-MoD-MGM (`mod_mgm`): an original-LLaVA config with
+    `mm_vision_tower_aux`, `mm_hidden_size_aux`, `image_size_aux`, `image_grid`, `image_global` and
+    `tokenizer_model_max_length` (llava-hr-and-mgm.md §4.4).
+
+    The CLIP main tower's geometry is read from the weights when the checkpoint holds it
+    (`mm_vision_config`, this project's addition, overrides what it gives, as for LLaVA-HR), else
+    from the --vision-tower directory's config.json (without either, the tower is missing: named
+    with the flag that supplies it). The aux ConvNeXt's geometry is read from the weights, the checkpoint's
+    (model.vision_tower_aux.*) or else --vision-tower-aux's (`aux_shapes`, renamed to the
+    checkpoint's keys); only its LayerNorm eps comes from the aux tower's name."""
+    kind = detect_kind(raw, shapes)
+    root = _Fields(raw, where)
+    llama, tower_name = _flat_llama(root)
+    clip_prefix = keymap.MGM_CLIP
+    clip_in_checkpoint = any(k.startswith(clip_prefix) for k in shapes)
+    if vision_tower_dir is None and not clip_in_checkpoint:
+        # Its weights must come from --vision-tower anyway, whose config.json then gives its shape.
+        root.problems.append(keymap.NO_CLIP_TOWER)
+        fields = depth = defaults = None
+    elif vision_tower_dir is None:
+        defaults = _hr_fast_geometry(shapes, root, clip_prefix)
+        fields = depth = None
+        if defaults is not None:
+            fields, depth = _vision_tower(root.section("mm_vision_config"), defaults, root,
+                                          invalid=root.data.get("mm_vision_config") is not None)
+            if defaults["num_attention_heads"] is None and (fields is None or
+                                                            fields.raw("num_attention_heads") is None):
+                root.fail("mm_vision_config.num_attention_heads",
+                          f"is needed: a {defaults['hidden_size']}-wide CLIP is not OpenAI's ({OPENAI_CLIP_HEAD_DIM}-"
+                          "wide heads), and the weights do not tell the head count")
+    else:
+        fields, depth, defaults = _clip_fields(root, tower_name, vision_tower_dir)
+    feature_layer = root.feature_layer("mm_vision_select_layer", -2, depth)
+    select = root.str("mm_vision_select_feature", "patch", ("patch",))  # MGM drops CLS
+    aux_name = root.str("mm_vision_tower_aux", MGM_AUX_DEFAULT)
+    aux_in_checkpoint = any(k.startswith(MGM_AUX) for k in shapes)
+    aux_source = shapes if aux_in_checkpoint else (aux_shapes or {})
+    aux = None
+    if aux_name is not None:
+        if any(k.startswith(MGM_AUX) for k in aux_source):
+            aux = _mgm_aux_trunk(aux_source, aux_name, root)
+        else:
+            if not mgm_aux_supported(aux_name):
+                _mgm_aux_trunk({}, aux_name, root)  # raises, naming it
+            root.problems.append(keymap.NO_AUX_TOWER)
+    grid = root.int("image_grid", 1)
+    image_global = root.bool("image_global", False)
+    size_aux = root.int("image_size_aux")
+    if root.data.get("image_size_aux") is None:
+        root.fail("image_size_aux", "is missing (Mini-Gemini's aux image side, e.g. 1536 for HD, 768 otherwise)")
+    hidden_aux = root.int("mm_hidden_size_aux")
+    if hidden_aux is not None and aux is not None and hidden_aux != sum(aux.dims):
+        root.fail("mm_hidden_size_aux", f"{hidden_aux} contradicts the aux tower's stage widths {list(aux.dims)} "
+                                        f"(sum {sum(aux.dims)})")
+    max_length = root.int("tokenizer_model_max_length") if root.data.get("tokenizer_model_max_length") is not None \
+        else None
+    vision = None
+    if None not in (fields, depth, aux, grid, image_global, size_aux, select):
+        base = _vision(fields, defaults, depth, feature_layer, "default")
+        if base is not None:
+            try:
+                vision = dataclasses.replace(base, tower="mgm", aux=aux, image_size_aux=size_aux, image_grid=grid,
+                                             image_global=image_global)
+            except ValueError as e:  # ConfigError included: Mini-Gemini's geometry checks
+                root.problems.append(f"{where}: {str(e).replace('vision.', '')}")
+    extras = {"vision_tower_name": tower_name, "vision_tower_aux": aux_name,
+              "tokenizer_padding_side": root.raw("tokenizer_padding_side")}
+    return _original_model(root, kind, llama, vision, extras, {"tokenizer_model_max_length": max_length},
+                           {"router_init": "xavier_uniform"})  # the MGM code's router init (§4.5)
 
 
 def with_param_dtype(model: ModelConfig, dtype: str) -> ModelConfig:
@@ -690,6 +833,9 @@ def _check_tower(config: ModelConfig):
     if config.vision.tower == "multipath":
         raise ConversionError("a LLaVA-HR checkpoint (multi-path vision tower) exports with --format "
                               f"{'gamma_mod_hr' if config.mod.enabled else 'llava_hr'}")
+    if config.vision.tower == "mgm":
+        raise ConversionError("a Mini-Gemini checkpoint (CLIP + ConvNeXt aux tower) exports with --format "
+                              f"{'gamma_mod_mgm' if config.mod.enabled else 'mgm'}")
     if config.vision.tower != "clip":
         raise ConversionError(f"vision tower {config.vision.tower!r} has no export format yet")
 
@@ -782,8 +928,9 @@ def to_llava_hr_config(config: ModelConfig, extras: dict | None = None, gamma_mo
     extras = extras or {}
     v = config.vision
     if v.tower != "multipath":
+        formats = {"mgm": ("gamma_mod_mgm", "mgm")}.get(v.tower, ("gamma_mod", "hf"))
         raise ConversionError(f"not a LLaVA-HR checkpoint (vision tower {v.tower!r}); export with --format "
-                              f"{'gamma_mod' if config.mod.enabled else 'hf'}")
+                              f"{formats[0] if config.mod.enabled else formats[1]}")
     if gamma_mod:
         _check_gamma_mod(config, "gamma_mod_hr")
     elif config.mod.enabled:
@@ -821,6 +968,64 @@ def to_llava_hr_config(config: ModelConfig, extras: dict | None = None, gamma_mo
         "image_grid_pinpoints": None,
         "delay_load": False,
     }
+    if gamma_mod:
+        out["mod"] = _mod_dict(config, extras)
+    return out
+
+
+def to_mgm_config(config: ModelConfig, extras: dict | None = None, gamma_mod: bool = False) -> dict:
+    """A Mini-Gemini (`mgm`) or γ-MoD-MGM (`mod_mgm`) config: flat 4.36-style Llama fields, the
+    official `mm_*` and MGM fields (`mm_vision_tower_aux`, `mm_hidden_size_aux`, `image_size_aux`,
+    `image_grid`, `image_global`, `tokenizer_model_max_length`, ...) and, for γ-MoD, `mod`.
+    `mm_vision_config` (this project's addition) gives the CLIP's shape; the reader reads the aux
+    trunk's geometry off the weights."""
+    extras = extras or {}
+    v = config.vision
+    if v.tower != "mgm":
+        raise ConversionError(f"not a Mini-Gemini checkpoint (vision tower {v.tower!r}); export with --format "
+                              f"{'gamma_mod' if config.mod.enabled else 'hf'}")
+    if gamma_mod:
+        _check_gamma_mod(config, "gamma_mod_mgm")
+    elif config.mod.enabled:
+        raise ConversionError("a γ-MoD checkpoint has a router Mini-Gemini cannot hold; export with --format "
+                              "gamma_mod_mgm")
+    aux_name = extras.get("vision_tower_aux") or MGM_AUX_DEFAULT
+    if v.aux.norm_eps != MGM_AUX_EPS or not mgm_aux_supported(aux_name):
+        raise ConversionError(f"the aux tower (LayerNorm eps {v.aux.norm_eps}) is not open_clip's ConvNeXt-L "
+                              f"({aux_name!r}, eps {MGM_AUX_EPS}), the only aux tower the Mini-Gemini format records")
+    t = config.text
+    out = {
+        "architectures": ["MoDMGMLlamaForCausalLM" if gamma_mod else "MGMLlamaForCausalLM"],
+        "model_type": "mod_mgm" if gamma_mod else "mgm",
+        **_llama_dict(t, extras),
+        "rope_theta": t.rope_theta,
+        "rope_scaling": t.rope_scaling_dict,
+        "pad_token_id": config.pad_token_id,
+        "torch_dtype": config.param_dtype,
+        "mm_vision_tower": extras.get("vision_tower_name") or CLIP_L_336_NAME,
+        "mm_vision_config": _vision_dict(v),
+        "mm_vision_tower_aux": aux_name,
+        "mm_hidden_size": v.hidden_size,
+        "mm_hidden_size_aux": v.mm_hidden_size_aux,
+        "mm_projector_type": config.projector.type,
+        "mm_vision_select_layer": _feature_layer(v),
+        "mm_vision_select_feature": "patch",
+        "image_grid": v.image_grid,
+        "image_global": v.image_global,
+        "image_size_aux": v.image_size_aux,
+        "image_aspect_ratio": "pad",
+        "image_grid_pinpoints": None,
+        "tokenizer_padding_side": extras.get("tokenizer_padding_side") or "right",
+        "optimize_vision_tower": False,
+        "optimize_vision_tower_aux": False,
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "tune_mm_mlp_adapter": False,
+        "freeze_mm_mlp_adapter": False,
+        "use_mm_proj": True,
+    }
+    if config.tokenizer_model_max_length is not None:
+        out["tokenizer_model_max_length"] = config.tokenizer_model_max_length
     if gamma_mod:
         out["mod"] = _mod_dict(config, extras)
     return out

@@ -22,6 +22,13 @@ Layouts (checkpoint-formats.md §1.2, §2, §5):
                                    model.vision_tower.align_stages_latent.N.*, fusion
                                    model.vision_tower.align_stages.0.*
   gamma_mod_hr                     γ-MoD-LLaVA-HR: E_hr + the shared router
+  E_mgm                            Mini-Gemini (MGM): E with the CLIP main tower under
+                                   model.vision_tower.vision_tower.vision_model.*, the open_clip ConvNeXt
+                                   aux trunk under model.vision_tower_aux.{vision_stem,vision_stages}.*
+                                   (layer scale `gamma`) and the patch-info-mining projectors
+                                   model.vlm_uni_{query,aux,val}_projector.{0,1}.*; either tower may be
+                                   absent (then from --vision-tower / --vision-tower-aux)
+  gamma_mod_mgm                    γ-MoD-MGM (`mod_mgm`): E_mgm + the shared router
 """
 
 from __future__ import annotations
@@ -49,10 +56,13 @@ LAYOUTS = {
     "E_hr": "LLaVA-HR (original LLaVA keys + multi-path tower: model.vision_tower.{fast,slow}_vision_tower.*, "
             "align_stages*)",
     "gamma_mod_hr": "γ-MoD-LLaVA-HR mod_llava_llama (LLaVA-HR keys + shared model.layers.N.router.weight)",
+    "E_mgm": "Mini-Gemini mgm (original LLaVA keys + model.vision_tower_aux.*, model.vlm_uni_*_projector.*)",
+    "gamma_mod_mgm": "γ-MoD-MGM mod_mgm (Mini-Gemini keys + shared model.layers.N.router.weight)",
 }
 HF_LAYOUTS = ("A", "B", "C", "D")
 HR_LAYOUTS = ("E_hr", "gamma_mod_hr")
-ORIGINAL_LAYOUTS = ("E", "gamma_mod") + HR_LAYOUTS
+MGM_LAYOUTS = ("E_mgm", "gamma_mod_mgm")
+ORIGINAL_LAYOUTS = ("E", "gamma_mod") + HR_LAYOUTS + MGM_LAYOUTS
 
 # LLaVA-HR's multi-path tower on disk (llava-hr-and-mgm.md §2.3). The canonical keys of the slow
 # trunk, adapters and fusion are these names minus `model.` (gmod_jax.param_layout); the CLIP fast
@@ -65,10 +75,24 @@ HR_MULTIPATH = ("model.vision_tower.slow_vision_tower.", HR_ADAPTERS, "model.vis
 # initialised it (probably [1000, 1536], llava-hr-and-mgm.md §0.1), so it is dropped unread.
 HR_SLOW_HEAD = HR_SLOW + "head."
 
+# Mini-Gemini on disk (llava-hr-and-mgm.md §4.4): canonical keys are these names minus `model.`
+# (gmod_jax.param_layout); the CLIP main tower sits where original LLaVA puts its tower.
+MGM_CLIP = "model.vision_tower.vision_tower.vision_model."
+MGM_AUX = "model.vision_tower_aux."
+MGM_UNI = "model.vlm_uni_"
+MGM_AUX_KEEP = ("vision_stem.", "vision_stages.")
+MGM_AUX_DROPPED = ("head.", "norm_pre.", "vision_head.", "vision_norm_pre.")
+# An open_clip ConvNeXt checkpoint (--vision-tower-aux): MGM keeps only the timm trunk's stem and
+# stages; its classifier head, norm_pre, the CLIP projection head (visual.head.*) and the text
+# tower are never used and dropped unread, whatever their shapes.
+OPEN_CLIP_TRUNK = "visual.trunk."
+OPEN_CLIP_DROPPED = ("visual.trunk.head.", "visual.trunk.norm_pre.", "visual.head.", "visual.proj")
+
 ROUTER_RE = re.compile(r"^language_model\.layers\.(\d+)\.router\.weight$")
 MIN_LAYER_BOUND = 1024  # layer counts up to this always get the full missing-key report
 _LAYER_RE = re.compile(r"^(language_model\.layers|vision_tower\.encoder\.layers)\.(\d+)\.")
 SLOW_BLOCK_RE = re.compile(r"^vision_tower\.slow_vision_tower\.vision_tower\.stages\.(\d+)\.blocks\.(\d+)\.")
+AUX_BLOCK_RE = re.compile(r"^vision_tower_aux\.vision_stages\.(\d+)\.blocks\.(\d+)\.")
 _CLIP_SKIP = ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
 _CLIP_BARE = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
 
@@ -181,13 +205,14 @@ def is_multipath_key(key: str) -> bool:
     return key.startswith(HR_FAST) or key.startswith(HR_MULTIPATH)
 
 
+def is_mgm_key(key: str) -> bool:
+    """A key of Mini-Gemini's aux tower or patch-info-mining projectors (official layout)."""
+    return key.startswith((MGM_AUX, MGM_UNI))
+
+
 def check_supported(keys: Iterable[str]):
-    """Raise UnsupportedFormatError for weights of MGM or LLaVA-1.6."""
+    """Raise UnsupportedFormatError for weights of LLaVA-1.6."""
     for k in keys:
-        if "vision_tower_aux" in k or "vlm_uni_" in k:
-            raise UnsupportedFormatError(
-                f"Mini-Gemini weights ({k}) are not supported yet: the converter and model lack the ConvNeXt aux tower "
-                "and the patch-info-mining resampler")
         if k.endswith("image_newline"):
             raise UnsupportedFormatError(f"LLaVA-1.6 any-resolution weights ({k}) are not supported yet")
 
@@ -210,6 +235,13 @@ def detect_layout(keys: Iterable[str], kind: str) -> str:
         if kind == "hf_llava":
             raise ConversionError("config.json is an HF LlavaConfig but the weights use original-LLaVA keys "
                                   "(model.layers.*, model.mm_projector.*)")
+        mgm_config = kind in ("mgm", "gamma_mod_mgm")
+        mgm_keys = any(is_mgm_key(k) for k in keys)
+        if mgm_keys and not mgm_config:
+            raise ConversionError("the weights hold Mini-Gemini keys (model.vision_tower_aux.*, model.vlm_uni_*) but "
+                                  "config.json was not read as a Mini-Gemini config")
+        if mgm_config:  # the aux tower may come from --vision-tower-aux: build_plan names what is missing
+            return "gamma_mod_mgm" if kind == "gamma_mod_mgm" else "E_mgm"
         hr_config = kind in ("llava_hr", "gamma_mod_hr")
         hr_keys = any(is_multipath_key(k) for k in keys)
         if hr_config and not hr_keys:
@@ -256,6 +288,15 @@ def canonical_key(key: str, layout: str) -> str | None:
             return key[len("model."):]
         if key.startswith("model.vision_tower."):  # not a multi-path tower key: reported as unexpected
             return "vision_tower.?" + key
+    if layout in MGM_LAYOUTS:
+        if key.startswith(MGM_AUX):
+            rest = key[len(MGM_AUX):]
+            # MGM deletes the trunk's head and norm_pre; a checkpoint that kept them is still read.
+            if rest.startswith(MGM_AUX_DROPPED):
+                return None
+            return "vision_tower_aux." + rest if rest.startswith(MGM_AUX_KEEP) else "vision_tower_aux.?" + key
+        if key.startswith(MGM_UNI):
+            return key[len("model."):]
     if layout in ORIGINAL_LAYOUTS:
         if key.startswith("model.vision_tower.vision_tower.vision_model."):
             return "vision_tower." + key[len("model.vision_tower.vision_tower.vision_model."):]
@@ -285,14 +326,33 @@ def canonical_clip_key(key: str) -> str | None:
     return "vision_tower.?" + key
 
 
+def canonical_aux_key(key: str) -> str | None:
+    """Key of a standalone open_clip ConvNeXt checkpoint (`visual.trunk.{stem,stages}.*`, maybe
+    under DDP's `module.`) -> canonical `vision_tower_aux.{vision_stem,vision_stages}.*`; None for
+    what MGM never uses (text tower, logit_scale, trunk head / norm_pre, CLIP head)."""
+    if key.startswith("module."):
+        key = key[len("module."):]
+    if not key.startswith("visual.") or key.startswith(OPEN_CLIP_DROPPED):
+        return None
+    if key.startswith(OPEN_CLIP_TRUNK + "stem."):
+        return "vision_tower_aux.vision_stem." + key[len(OPEN_CLIP_TRUNK + "stem."):]
+    if key.startswith(OPEN_CLIP_TRUNK + "stages."):
+        return "vision_tower_aux.vision_stages." + key[len(OPEN_CLIP_TRUNK + "stages."):]
+    return "vision_tower_aux.?" + key  # reported as unexpected
+
+
 def to_layout_key(canonical: str, layout: str) -> str:
-    """Canonical key -> the on-disk name in layout D (HF export), gamma_mod/E (original export) or
-    E_hr/gamma_mod_hr (LLaVA-HR export)."""
+    """Canonical key -> the on-disk name in layout D (HF export), gamma_mod/E (original export),
+    E_hr/gamma_mod_hr (LLaVA-HR export) or E_mgm/gamma_mod_mgm (Mini-Gemini export)."""
     if layout in HR_LAYOUTS:
         if canonical.startswith(tuple(k[len("model."):] for k in HR_MULTIPATH)):
             return "model." + canonical
         if canonical.startswith("vision_tower."):
             return HR_FAST + canonical[len("vision_tower."):]
+        return to_layout_key(canonical, "E")
+    if layout in MGM_LAYOUTS:
+        if canonical.startswith(("vision_tower_aux.", "vlm_uni_")):
+            return "model." + canonical
         return to_layout_key(canonical, "E")
     if layout == "D":
         if canonical.startswith("language_model."):
@@ -352,6 +412,7 @@ class Plan:
     dtype: str  # the converted tree's dtype
     source_bytes: int  # bytes of tensor data that will be read
     uses_tower_dir: bool = False  # tower weights come from --vision-tower
+    uses_aux_file: bool = False  # Mini-Gemini's aux tower weights come from --vision-tower-aux
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -368,7 +429,7 @@ PARAM_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def build_plan(config: ModelConfig, main: CheckpointReader, layout: str, tower: CheckpointReader | None = None,
-               dtype: str = "keep") -> Plan:
+               dtype: str = "keep", aux: CheckpointReader | None = None) -> Plan:
     """Validate the checkpoint against `config` (headers only) and decide where every tensor goes.
 
     Raises ConversionError listing every missing / unexpected / mis-shaped / mis-typed key at once.
@@ -403,6 +464,12 @@ def build_plan(config: ModelConfig, main: CheckpointReader, layout: str, tower: 
             tower = None
         else:
             collect(tower, canonical_clip_key)
+    if aux is not None:
+        if any(c.startswith("vision_tower_aux.") for c in sources):
+            notes.append(f"aux tower weights taken from {main.path}; {aux.path} was not used")
+            aux = None
+        else:
+            collect(aux, canonical_aux_key)
     if duplicates:
         problems.append(f"duplicate tensors: {_names(duplicates)}")
 
@@ -420,11 +487,10 @@ def build_plan(config: ModelConfig, main: CheckpointReader, layout: str, tower: 
     missing = [c for c in expected if c not in present]
     unexpected = [c for c in present if c not in expected]
     if missing:
-        if all(c.startswith("vision_tower.") for c in missing) and not any(
-                c.startswith("vision_tower.") for c in present) and layout in ("E", "gamma_mod"):
-            problems.append("the checkpoint has no vision tower (original LLaVA loads it separately): pass "
-                            "--vision-tower DIR with the CLIP checkpoint (e.g. openai/clip-vit-large-patch14-336)")
-        else:
+        absent = _absent_towers(missing, present, layout)
+        problems += absent.values()
+        missing = [c for c in missing if not c.startswith(tuple(absent))]
+        if missing:
             names = [_source_name(config, c, layout) for c in missing]
             problems.append(f"missing keys ({len(missing)}): {_names(names)}")
     if unexpected:
@@ -477,11 +543,36 @@ def build_plan(config: ModelConfig, main: CheckpointReader, layout: str, tower: 
     for path, pieces in grouped.items():
         leaves.append(LeafPlan(path, shapes[path], leaf_dtype[path], pieces, checks.get(path, [])))
     # Read order follows storage order so each batch walks the files front to back.
-    rank = {id(main): 0, id(tower): 1}
+    rank = {id(main): 0, id(tower): 1, id(aux): 2}
     leaves.sort(key=lambda l: min((rank[id(p.reader)],) + p.reader.position(p.key) for p in l.pieces))
     source_bytes = sum(p.reader.entries[p.key].nbytes for l in leaves for p in l.pieces)
     out_dtype = leaf_dtype[("llm", "embed")].name
-    return Plan(layout, leaves, out_dtype, source_bytes, tower is not None, notes)
+    return Plan(layout, leaves, out_dtype, source_bytes, uses_tower_dir=tower is not None, notes=notes,
+                uses_aux_file=aux is not None)
+
+
+NO_CLIP_TOWER = ("the checkpoint has no vision tower (original LLaVA and Mini-Gemini load it separately): pass "
+                 "--vision-tower DIR with the CLIP checkpoint (e.g. openai/clip-vit-large-patch14-336)")
+NO_AUX_TOWER = ("the checkpoint has no Mini-Gemini aux tower (model.vision_tower_aux.*): pass --vision-tower-aux "
+                "FILE|DIR with the open_clip ConvNeXt checkpoint (visual.trunk.* keys, e.g. open_clip_pytorch_model.bin "
+                "of laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft-soup)")
+
+
+def _absent_towers(missing: list[str], present: dict, layout: str) -> dict[str, str]:
+    """{canonical prefix: problem} for each vision tower that is wholly absent, naming the flag
+    that supplies it (original LLaVA and Mini-Gemini keep their frozen towers outside the
+    checkpoint). A tower with only some keys missing is listed key by key instead."""
+    out = {}
+    if layout not in ("E", "gamma_mod") + MGM_LAYOUTS:
+        return out
+    clip = [c for c in missing if c.startswith("vision_tower.")]
+    if clip and not any(c.startswith("vision_tower.") for c in present) and (
+            layout in MGM_LAYOUTS or len(clip) == len(missing)):
+        out["vision_tower."] = NO_CLIP_TOWER
+    aux = [c for c in missing if c.startswith("vision_tower_aux.")]
+    if aux and not any(c.startswith("vision_tower_aux.") for c in present):
+        out["vision_tower_aux."] = NO_AUX_TOWER
+    return out
 
 
 def _leaf_dtypes(grouped: dict[tuple[str, ...], list[Piece]], policy: str) -> dict[tuple[str, ...], np.dtype]:
@@ -553,34 +644,44 @@ def layer_count_problems(config: ModelConfig, canonical_keys: Iterable[str]) -> 
             continue
         problems.append(f"config.json says {field}={configured} but the checkpoint {held} (the config contradicts "
                         "the weights)")
+    trunks = []
     if config.vision.tower == "multipath" and config.vision.slow is not None:
-        slow_problems, slow_bounded = _slow_depth_problems(config.vision.slow.depths, keys, bound)
-        problems += slow_problems
-        bounded = bounded and slow_bounded
+        trunks.append((config.vision.slow.depths, SLOW_BLOCK_RE, "slow", "slow_vision_tower.vision_tower.stages"))
+    if config.vision.tower == "mgm" and config.vision.aux is not None:
+        trunks.append((config.vision.aux.depths, AUX_BLOCK_RE, "aux", "vision_tower_aux.vision_stages"))
+    for depths, block_re, name, stages in trunks:
+        trunk_problems, trunk_bounded = _trunk_depth_problems(depths, keys, bound, block_re, name, stages)
+        problems += trunk_problems
+        bounded = bounded and trunk_bounded
     return problems, bounded
 
 
-def _slow_depth_problems(depths: tuple[int, ...], keys: list[str], bound: int) -> tuple[list[str], bool]:
-    """LLaVA-HR's ConvNeXt stage depths against the block indices in the key names (the same
-    guard as the layer counts: the expected-key table grows with the depths)."""
+def _trunk_depth_problems(depths: tuple[int, ...], keys: list[str], bound: int, block_re: re.Pattern, name: str,
+                          stages: str) -> tuple[list[str], bool]:
+    """A ConvNeXt trunk's stage depths (LLaVA-HR's slow tower, Mini-Gemini's aux tower) against
+    the block indices in the key names (the same guard as the layer counts: the expected-key
+    table grows with the depths). A trunk without any block key is absent, which build_plan
+    reports."""
     found: dict[int, set[int]] = collections.defaultdict(set)
     for c in keys:
-        m = SLOW_BLOCK_RE.match(c)
+        m = block_re.match(c)
         if m:
             found[int(m.group(1))].add(int(m.group(2)))
     bounded = len(depths) <= bound and all(d <= bound for d in depths)
+    if not found:
+        return ([], True) if bounded else ([f"the ConvNeXt {name} tower's stage depths {list(depths)} exceed "
+                                            f"the {len(keys)} tensors the checkpoint holds"], False)
     if max(found, default=0) >= bound:
-        return [f"the checkpoint names ConvNeXt slow tower stage {max(found)} but holds only {len(keys)} tensors"], \
+        return [f"the checkpoint names ConvNeXt {name} tower stage {max(found)} but holds only {len(keys)} tensors"], \
             bounded
     held = tuple(max(found[i]) + 1 if i in found else 0 for i in range(max(found, default=-1) + 1))
     if held != depths:
-        return [f"config.json gives the ConvNeXt slow tower stage depths {list(depths)} but the checkpoint's "
-                f"slow_vision_tower.vision_tower.stages.S.blocks.B keys give {list(held)} (the config contradicts "
-                "the weights)"], bounded
+        return [f"config.json gives the ConvNeXt {name} tower stage depths {list(depths)} but the checkpoint's "
+                f"{stages}.S.blocks.B keys give {list(held)} (the config contradicts the weights)"], bounded
     if not bounded:
-        deepest = max((k for k in keys if SLOW_BLOCK_RE.match(k)), key=lambda k: int(SLOW_BLOCK_RE.match(k).group(2)))
-        return [f"the ConvNeXt slow tower's stage depths {list(depths)} exceed the {len(keys)} tensors the checkpoint "
-                f"holds (block index of model.{deepest})"], False
+        deepest = max((k for k in keys if block_re.match(k)), key=lambda k: int(block_re.match(k).group(2)))
+        return [f"the ConvNeXt {name} tower's stage depths {list(depths)} exceed the {len(keys)} tensors the "
+                f"checkpoint holds (block index of model.{deepest})"], False
     return [], True
 
 

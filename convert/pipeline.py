@@ -37,6 +37,7 @@ class Source:
     main: CheckpointReader
     tower: CheckpointReader | None
     plan: keymap.Plan
+    aux: CheckpointReader | None = None
 
     @property
     def config(self) -> ModelConfig:
@@ -51,6 +52,7 @@ class Source:
             "container": self.main.container,
             "shards": len(self.main.files),
             "vision_tower_source": str(self.tower.path) if self.plan.uses_tower_dir else None,
+            "vision_tower_aux_source": str(self.aux.path) if self.plan.uses_aux_file else None,
             "notes": self.plan.notes,
             "num_params": self.plan.num_params,
             "dtype": self.plan.dtype,
@@ -60,18 +62,46 @@ class Source:
 
 
 def open_source(src: str | os.PathLike, vision_tower: str | os.PathLike | None = None,
-                dtype: str = "keep") -> Source:
+                dtype: str = "keep", vision_tower_aux: str | os.PathLike | None = None) -> Source:
     """Parse config.json, open every shard's header and validate the whole key map."""
     src = Path(src)
     if not src.is_dir():
         raise ConversionError(f"{src}: source must be a checkpoint directory (config.json + weights)")
     main = CheckpointReader(src)
     keymap.check_supported(main.entries)  # name an unsupported family before config details
-    source_config = hf_config.read_source_config(src, vision_tower, {k: e.shape for k, e in main.entries.items()})
+    aux = open_aux_tower(vision_tower_aux) if vision_tower_aux is not None else None
+    source_config = hf_config.read_source_config(src, vision_tower, {k: e.shape for k, e in main.entries.items()},
+                                                 aux_shapes(aux) if aux is not None else None, vision_tower_aux)
     layout = keymap.detect_layout(main.entries, source_config.kind)
     tower = CheckpointReader(vision_tower) if vision_tower is not None else None
-    plan = keymap.build_plan(source_config.model, main, layout, tower, dtype)
-    return Source(src, source_config, main, tower, plan)
+    plan = keymap.build_plan(source_config.model, main, layout, tower, dtype, aux)
+    return Source(src, source_config, main, tower, plan, aux)
+
+
+# What open_clip writes (hub snapshots of open_clip models), tried before the HF names.
+OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def open_aux_tower(path: str | os.PathLike) -> CheckpointReader:
+    """An open_clip ConvNeXt checkpoint for Mini-Gemini's aux tower: a file, or a directory with
+    open_clip's file names or any layout CheckpointReader accepts."""
+    path = Path(path)
+    if path.is_dir():
+        for name in OPEN_CLIP_FILES:
+            if (path / name).is_file():
+                return CheckpointReader(path / name)
+    return CheckpointReader(path)
+
+
+def aux_shapes(aux: CheckpointReader) -> dict[str, tuple[int, ...]]:
+    """Shapes of an open_clip checkpoint's trunk under the names Mini-Gemini's checkpoints use
+    (model.vision_tower_aux.*), where the config reader looks for the aux tower's geometry."""
+    out = {}
+    for key, entry in aux.entries.items():
+        canonical = keymap.canonical_aux_key(key)
+        if canonical is not None and "?" not in canonical:
+            out["model." + canonical] = entry.shape
+    return out
 
 
 def _workers() -> int:
@@ -198,19 +228,20 @@ def batches(leaves: list[keymap.LeafPlan], budget: int) -> list[list[keymap.Leaf
 
 
 def load_params(src: str | os.PathLike, vision_tower: str | os.PathLike | None = None,
-                dtype: str = "keep") -> tuple[ModelConfig, dict, dict]:
+                dtype: str = "keep", vision_tower_aux: str | os.PathLike | None = None) -> tuple[ModelConfig, dict, dict]:
     """(config, nested numpy params, description) of a PyTorch checkpoint, all in memory."""
-    source = open_source(src, vision_tower, dtype)
+    source = open_source(src, vision_tower, dtype, vision_tower_aux)
     params = nest(materialize(source.plan.leaves))
     return source.config, params, source.describe()
 
 
 def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, vision_tower: str | os.PathLike | None = None,
                        dtype: str = "keep", overwrite: bool = False, batch_bytes: int = DEFAULT_BATCH_BYTES,
-                       log: Callable[[str], None] | None = None) -> dict:
+                       log: Callable[[str], None] | None = None,
+                       vision_tower_aux: str | os.PathLike | None = None) -> dict:
     """Convert `src` into a gmod-jax checkpoint at `out`; returns a summary dict."""
     start = time.perf_counter()
-    source = open_source(src, vision_tower, dtype)
+    source = open_source(src, vision_tower, dtype, vision_tower_aux)
     groups = batches(source.plan.leaves, batch_bytes)
     with CheckpointWriter(out, overwrite) as writer:
         for i, group in enumerate(groups):

@@ -321,6 +321,9 @@ def read_torch_zip_index(path: Path) -> tuple[dict[str, TensorEntry], dict[str, 
         except Exception as e:  # a truncated pickle surfaces as many different exception types
             raise CheckpointReadError(f"{path}: corrupt data.pkl: {type(e).__name__}: {str(e)[:200]}") from e
         records = {n[len(root) + 6:]: zf.getinfo(n) for n in names if n.startswith(f"{root}/data/")}
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        # A training checkpoint (open_clip's `epoch` / `state_dict` / `optimizer`): its weights.
+        obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CheckpointReadError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     entries = {}

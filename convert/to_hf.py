@@ -1,4 +1,4 @@
-"""`python -m convert.to_hf --src CKPT --out DIR [--format hf|gamma_mod|llava_hr|gamma_mod_hr] [--max-shard-size 5GB]`
+"""`python -m convert.to_hf --src CKPT --out DIR [--format hf|gamma_mod|llava_hr|gamma_mod_hr|mgm|gamma_mod_mgm] [--max-shard-size 5GB]`
 
 Flax -> PyTorch export of a gmod-jax checkpoint:
   hf         transformers 5.x `LlavaForConditionalGeneration` directory (config.json with full
@@ -14,6 +14,11 @@ Flax -> PyTorch export of a gmod-jax checkpoint:
              under model.vision_tower.align_stages{_latent}.*.
   gamma_mod_hr  γ-MoD-LLaVA-HR (`mod_llava_llama` + multi-path tower): llava_hr's keys and the
              shared router stored once, as gamma_mod.
+  mgm        Mini-Gemini (`mgm`) directory: original-LLaVA keys, the CLIP main tower under
+             model.vision_tower.vision_tower.vision_model.*, the open_clip ConvNeXt aux trunk under
+             model.vision_tower_aux.{vision_stem,vision_stages}.* (layer scale `gamma`), the
+             patch-info-mining projectors model.vlm_uni_{query,aux,val}_projector.{0,1}.*.
+  gamma_mod_mgm  γ-MoD-MGM (`mod_mgm`): mgm's keys and the shared router stored once, as gamma_mod.
 Tensors keep their dtype and values bit for bit; the key map is the same table the importer uses.
 """
 
@@ -36,7 +41,7 @@ from gmod_jax.checkpoint import copy_tokenizer_files, flatten, load_checkpoint
 from convert.readers import write_sharded_safetensors
 from gmod_jax.config import ModelConfig
 
-FORMATS = ("hf", "gamma_mod", "llava_hr", "gamma_mod_hr")
+FORMATS = ("hf", "gamma_mod", "llava_hr", "gamma_mod_hr", "mgm", "gamma_mod_mgm")
 
 
 def torch_tensors(config: ModelConfig, params: dict, layout: str) -> Iterator[tuple[str, np.ndarray]]:
@@ -89,10 +94,15 @@ def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "hf", max_
     elif fmt == "gamma_mod":
         config_json = hf_config.to_gamma_mod_config(config, extras)
         layout = "gamma_mod"
+    elif fmt in ("mgm", "gamma_mod_mgm"):
+        config_json = hf_config.to_mgm_config(config, extras, gamma_mod=fmt == "gamma_mod_mgm")
+        layout = {"mgm": "E_mgm", "gamma_mod_mgm": "gamma_mod_mgm"}[fmt]
     else:
         config_json = hf_config.to_llava_hr_config(config, extras, gamma_mod=fmt == "gamma_mod_hr")
         layout = {"llava_hr": "E_hr", "gamma_mod_hr": "gamma_mod_hr"}[fmt]
-    config_json["transformers_version"] = "5.24.0" if fmt == "hf" else "4.31.0"
+    # The official code's pinned transformers: 4.31 (LLaVA, LLaVA-HR, γ-MoD), 4.36 (Mini-Gemini).
+    config_json["transformers_version"] = {"hf": "5.24.0", "mgm": "4.36.2", "gamma_mod_mgm": "4.36.2"}.get(fmt,
+                                                                                                        "4.31.0")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -172,7 +172,6 @@ def test_original_layout_without_tower(tmp_path, tiny, capsys):
 
 
 @pytest.mark.parametrize("patch,what", [
-    ({"mm_vision_tower_aux": "openclip-convnext-large-d-320"}, "Mini-Gemini"),
     ({"mm_patch_merge_type": "spatial_unpad"}, "LLaVA-1.6"),
 ])
 def test_unsupported_families_are_named(tmp_path, tiny, capsys, patch, what):
@@ -198,6 +197,74 @@ def test_llava_hr_config_or_keys_without_the_rest_of_the_tower(tmp_path, tiny, c
     src = _write(tmp_path, spec, e, fx.config_original(spec), layout=None)
     with pytest.raises(ConversionError, match="input_image_size is missing"):
         pipeline.load_params(src)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mini-Gemini (tests/mgm_fixtures.py: the official layout of a tiny reference model)
+
+@pytest.fixture(scope="module")
+def mgm():
+    from gmod_jax import config as C
+    from tests import mgm_reference as ref_lib
+
+    cfg = C.tiny_mgm(2, True)
+    return cfg, ref_lib.build(cfg, seed=5)
+
+
+def test_mgm_missing_towers_name_their_flags(tmp_path, mgm, capsys):
+    """A Mini-Gemini checkpoint without its towers (as released) names --vision-tower and
+    --vision-tower-aux; with only the CLIP given, only the aux flag is asked for."""
+    from tests import mgm_fixtures as mf
+
+    cfg, ref = mgm
+    src = mf.write_checkpoint(ref, tmp_path / "src", "safetensors", mf.official_config(cfg), towers=False)
+    _cli_fails(tmp_path, src, "no vision tower", "--vision-tower DIR", "no Mini-Gemini aux tower",
+               "--vision-tower-aux FILE|DIR", capsys=capsys)
+    clip = mf.write_clip_dir(ref, tmp_path / "clip")
+    err = _cli_fails(tmp_path, src, "--vision-tower-aux FILE|DIR", extra=("--vision-tower", str(clip)), capsys=capsys)
+    assert "--vision-tower DIR" not in err
+    # An aux checkpoint without the trunk (e.g. a CLIP directory by mistake) is the same error.
+    _cli_fails(tmp_path, src, "--vision-tower-aux FILE|DIR", extra=("--vision-tower", str(clip), "--vision-tower-aux",
+                                                                    str(clip)), capsys=capsys)
+
+
+def test_mgm_wrong_aux_shapes_are_named(tmp_path, mgm, capsys):
+    """A tensor of the open_clip trunk whose shape does not fit is named by its open_clip key; a
+    trunk whose widths contradict mm_hidden_size_aux names that field."""
+    from tests import mgm_fixtures as mf
+
+    cfg, ref = mgm
+    src = mf.write_checkpoint(ref, tmp_path / "src", "safetensors", mf.official_config(cfg), towers=False)
+    clip = mf.write_clip_dir(ref, tmp_path / "clip")
+    sd = mf.open_clip_state_dict(ref)
+    key = "visual.trunk.stages.2.blocks.1.mlp.fc1.weight"
+    sd[key] = torch.zeros(sd[key].shape[0] + 1, sd[key].shape[1])
+    aux = mf.write_open_clip(ref, tmp_path / "bad" / "open_clip_pytorch_model.bin", "bin", sd=sd)
+    _cli_fails(tmp_path, src, "shape mismatches (1)", key, extra=("--vision-tower", str(clip), "--vision-tower-aux",
+                                                                  str(aux.parent)), capsys=capsys)
+    config = {**mf.official_config(cfg), "mm_hidden_size_aux": 2880}
+    full = mf.write_checkpoint(ref, tmp_path / "full", "safetensors", config)
+    _cli_fails(tmp_path, full, "mm_hidden_size_aux 2880 contradicts the aux tower's stage widths [8, 16, 24, 32]",
+               capsys=capsys)
+
+
+@pytest.mark.parametrize("name", ["laion/CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup", "eva02-clip-vit-g"])
+def test_mgm_unsupported_aux_tower_is_named(tmp_path, mgm, capsys, name):
+    from convert.errors import UnsupportedFormatError
+    from tests import mgm_fixtures as mf
+
+    cfg, ref = mgm
+    src = mf.write_checkpoint(ref, tmp_path / "src", "safetensors", mf.official_config(cfg, aux_name=name))
+    _cli_fails(tmp_path, src, f"mm_vision_tower_aux {name!r}", "is not supported", "ConvNeXt-L", capsys=capsys)
+    with pytest.raises(UnsupportedFormatError):
+        pipeline.load_params(src)
+
+
+def test_vision_tower_aux_is_only_for_mgm(tmp_path, tiny, capsys):
+    spec, sd = tiny
+    src = _write(tmp_path, spec, sd)
+    _cli_fails(tmp_path, src, "--vision-tower-aux is only for Mini-Gemini", extra=("--vision-tower-aux", str(src)),
+               capsys=capsys)
 
 
 def test_existing_output_is_left_alone(tmp_path, tiny, capsys):
