@@ -81,11 +81,12 @@ def cached_attention(q, k_cache, v_cache, cache_valid, k_new, v_new, scale: floa
     b, _, h, d = q.shape
     kv = k_cache.shape[1]
     qg = q.reshape(b, kv, h // kv, d)
-    # One query per row: both products are matrix-vector work, written as multiply + reduce so
-    # XLA fuses them with the read of this layer's cache out of the stacked one (a dot needs
-    # its operand materialised: a copy of the layer's cache per layer and step).
-    s_cache = jnp.sum(qg[:, :, :, None, :].astype(jnp.float32) * k_cache[:, :, None].astype(jnp.float32),
-                      axis=-1) * scale
+    # Both products are batched dots. Written as multiply + reduce (so that the read of this
+    # layer's cache out of the stacked one fuses into the reduction instead of being copied for
+    # the dot), XLA CPU reduced over the minor head axis with scalar loops: 596 ms vs 48 ms for
+    # 12 layers of a [4, 16, 672, 64] cache per step, 108 vs 13 ms at batch 1 (the copy the dot
+    # needs costs far less than that). Products are exact in float32 for bf16 caches, as before.
+    s_cache = jnp.einsum("bkgd,bkcd->bkgc", qg, k_cache, preferred_element_type=jnp.float32) * scale
     s_cache = jnp.where(cache_valid[:, None, None, :], s_cache, jnp.finfo(jnp.float32).min)
     s_self = jnp.einsum("bkgd,bkd->bkg", qg, k_new[:, 0]).astype(jnp.float32) * scale
     top = jnp.maximum(jnp.max(s_cache, axis=-1), s_self)
@@ -94,8 +95,8 @@ def cached_attention(q, k_cache, v_cache, cache_valid, k_new, v_new, scale: floa
     denom = jnp.sum(e_cache, axis=-1) + e_self
     p_cache = (e_cache / denom[..., None]).astype(v_cache.dtype)
     p_self = (e_self / denom).astype(v_new.dtype)
-    out = (jnp.sum(p_cache[..., None].astype(jnp.float32) * v_cache[:, :, None].astype(jnp.float32), axis=-2)
-           .astype(v_cache.dtype) + p_self[..., None] * v_new[:, 0][:, :, None, :])
+    out = (jnp.einsum("bkgc,bkcd->bkgd", p_cache, v_cache, preferred_element_type=jnp.float32).astype(v_cache.dtype)
+           + p_self[..., None] * v_new[:, 0][:, :, None, :])
     return out.reshape(b, 1, h, d)
 
 
