@@ -49,9 +49,9 @@ def render_markdown(result: dict, command: str) -> str:
             f"- **Official rule rows** (`prefill_official_*`): keep iff keep-prob > 0.005 with capacity buckets, "
             f"on the γ-MoD model whose router was first fitted ({fit['steps']} Adam steps of a routing-only loss "
             f"towards the capacity rule's top-k on the {fit['rows']} prefill prompts, "
-            f"{fit['fit_s']:.0f} s): the rule skips {fit['official_routable_skip']:.3f} of the routable tokens "
-            f"(capacity rule {fit['target_routable_skip']:.3f}; {fit['official_routable_skip_before']:.3f} "
-            f"before the fit). The other rows use the unfitted router.")
+            f"{fit['fit_s']:.0f} s){_calibration(fit)}: the rule skips {fit['official_routable_skip']:.3f} of the "
+            f"routable tokens (capacity rule {fit['target_routable_skip']:.3f}; "
+            f"{fit['official_routable_skip_before']:.3f} before the fit). The other rows use the unfitted router.")
     if result.get("torch"):
         tinfo = result["torch"]
         if "skipped" in tinfo:
@@ -113,3 +113,12 @@ def render_markdown(result: dict, command: str) -> str:
               "reference point, not a tuned baseline. Timings on a shared machine are noisy: compare ratios "
               "within one run, and check the load average above."]
     return "\n".join(lines) + "\n"
+
+
+def _calibration(fit: dict) -> str:
+    """The router-scale calibration's part of the official-rule line (absent in older JSONs)."""
+    if "router_scale" not in fit or fit["router_scale"] == 1.0:
+        return ""
+    return (f", then the router kernel scaled by {fit['router_scale']:.3g} so that the official walk skips the "
+            f"target share ({fit['official_routable_skip_fitted']:.3f} of the routable tokens before scaling, "
+            f"{len(fit['calibration'])} probes)")
