@@ -115,6 +115,10 @@ class DemoConfig:
     target_max_accuracy_drop: float = 2.0
     target_routable_skip: float = 0.30
     target_minutes: float = 15.0
+    # With a patch map (`synthetic.patch_grid`): the share of image tokens the MoD layers skip,
+    # and the share of those that are background patches (issue 26, the paper's Fig. 4 claim).
+    target_image_skip: float = 0.40
+    target_background_share: float = 0.90
 
     def __post_init__(self):
         if self.num_dense < 1 or self.num_dense >= self.model.text.num_layers:
@@ -387,6 +391,16 @@ def heldout_prompts(paths: Paths, n: int) -> list[dict]:
             for q in qs[:n]]
 
 
+def heldout_patch_maps(paths: Paths, images: list[str]) -> np.ndarray | None:
+    """bool [len(images), g, g]: each held-out image's `patch_objects` map (True = object
+    pixels in the patch), from the scenes of the held-out split; None if its scenes carry none."""
+    scenes = {r["image"]: r["scene"] for r in json.loads((paths.data / "eval.json").read_text()) if r.get("image")}
+    maps = [scenes[image].get("patch_objects") for image in images]
+    if any(m is None for m in maps):
+        return None
+    return np.asarray(maps, bool)
+
+
 def routing_stage(ckpt: Path, paths: Paths, out: Path, cfg: DemoConfig, answers: dict[str, str]) -> dict:
     """Which tokens the γ-MoD model skips at inference, with the prefill rule, over held-out
     prompts followed by the model's own answers (teacher forced, as the paper's Fig. 4):
@@ -414,6 +428,18 @@ def routing_stage(ckpt: Path, paths: Paths, out: Path, cfg: DemoConfig, answers:
     pixels = np.stack([e[2] for e in encoded])
     kept, probs = V.routing_trace(model, ids, pixels, mask, types, mode="inference")
     layers = list(model.config.mod.layers)
+    # Per image, which patches hold objects (scenes written with `synthetic.patch_grid`), and the
+    # per-layer patch grids of what each MoD layer kept: background vs object patches skipped.
+    object_maps = heldout_patch_maps(paths, [p["image"] for p in prompts])
+    grids_all = np.stack([V.image_patch_grid(model.config, kept[:, i], types[i]) for i in range(b)], axis=1)
+    patch_stats = None
+    if object_maps is not None:
+        if object_maps.shape[1:] != grids_all.shape[2:]:
+            raise ValueError(f"scenes record {object_maps.shape[1:]} patches, the model sees {grids_all.shape[2:]}: "
+                             "set synthetic.patch_grid to the vision tower's patches per side")
+        from gmod_jax.demo.patches import patch_skip_shares
+
+        patch_stats = patch_skip_shares(grids_all, object_maps)
     rates = V.skip_rates_by_type(kept, types)
     routable = np.isin(types, model.config.mod.routable_types) & mask
     prompt_tokens = mask & (types != tt.ANSWER)
@@ -424,11 +450,12 @@ def routing_stage(ckpt: Path, paths: Paths, out: Path, cfg: DemoConfig, answers:
     overlays = []
     for i in range(min(cfg.num_overlays, b)):
         image = np.clip(pixels[i] * np.asarray(CLIP_STD, np.float32) + np.asarray(CLIP_MEAN, np.float32), 0, 1)
-        grids = V.image_patch_grid(model.config, kept[:, i], types[i])
+        grids = grids_all[:, i]
         p = prompts[i]
         name = f"overlay_{i}.png"
         V.plot_patches(out / name, image, grids, layers,
-                       f"Q: {p['text']}  A: {answers.get(p['question_id'], '?')} (gold: {p['answer']})")
+                       f"Q: {p['text']}  A: {answers.get(p['question_id'], '?')} (gold: {p['answer']})",
+                       outline=None if object_maps is None else object_maps[i])
         overlays.append({"file": name, "question": p["text"], "answer": answers.get(p["question_id"]),
                          "gold": p["answer"], "image": p["image"],
                          "patch_skip_per_layer": [float(v) for v in 1.0 - grids.reshape(len(layers), -1).mean(1)]})
@@ -442,6 +469,8 @@ def routing_stage(ckpt: Path, paths: Paths, out: Path, cfg: DemoConfig, answers:
         "keep_prob_mean_by_type": {tt.NAMES[t]: float(probs[:, (types == t) & mask].mean())
                                    for t in (tt.SYSTEM, tt.IMAGE, tt.QUESTION, tt.ANSWER) if ((types == t) & mask).any()},
         "overlays": overlays, "chart": "skip_rate_by_token_type.png",
+        # None when the scenes carry no patch map (`synthetic.patch_grid` = 0)
+        "patches": patch_stats,
     }
     write_json(out / "routing_summary.json", summary)
     return summary
@@ -735,7 +764,27 @@ def check_criteria(cfg: DemoConfig, s: dict) -> list[dict]:
         {"what": f"all stages together within {cfg.target_minutes:g} minutes",
          "value": f"{first_run / 60:.1f} min (sum of stage times when they ran)",
          "ok": first_run <= 60 * cfg.target_minutes},
-    ]
+    ] + patch_criteria(cfg, s["routing"].get("patches"))
+
+
+def patch_criteria(cfg: DemoConfig, patches: dict | None) -> list[dict]:
+    """Issue 26's routing target, when the scenes carry patch maps: the MoD layers skip at least
+    `target_image_skip` of the image tokens, and at least `target_background_share` of the
+    skipped image tokens are background patches (held-out routing trace, all MoD layers)."""
+    if not patches:
+        return []
+    o = patches["overall"]
+    share = o["background_share"]
+    return [{"what": f"γ-MoD skips >= {cfg.target_image_skip:.0%} of the image tokens in its MoD layers, "
+                     f">= {cfg.target_background_share:.0%} of them background patches",
+             "value": f"{_share(o['image_skipped'])} skipped, {_share(share)} of them background "
+                      f"(background {_share(o['background_skipped'])} skipped, objects {_share(o['object_skipped'])})",
+             "ok": (o["image_skipped"] or 0.0) >= cfg.target_image_skip
+                   and share is not None and share >= cfg.target_background_share}]
+
+
+def _share(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
 
 
 # ----------------------------------------------------------------------------------------------
