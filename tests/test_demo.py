@@ -62,6 +62,14 @@ def test_demo_smoke_end_to_end_and_cache(tmp_path):
     assert f"(image {100 * by_type['image']:.1f}%, system {100 * by_type['system']:.1f}%)" in report
     assert summary["speed"]["ms_per_sample_dense"] > 0 and summary["speed"]["ms_per_sample_mod"] > 0
     assert {c["what"].split()[0] for c in summary["criteria"]} >= {"dense", "γ-MoD", "all"}
+    # The scenes carry patch maps (patch_grid): background vs object patches skipped, per MoD layer,
+    # in the summary, the report's table and the targets.
+    patches = summary["routing"]["patches"]
+    assert len(patches["per_layer"]) == len(mod_layers)
+    o = patches["overall"]
+    assert o["background"] + o["objects"] == len(mod_layers) * cfg.routing_samples * 4  # 2x2 patches per image
+    assert "| MoD layer | background patches skipped |" in report and "| **all MoD layers** |" in report
+    assert any("background patches" in c["what"] for c in summary["criteria"])
 
     # Second run: every stage comes from its stamp; only the report is rewritten.
     lines.clear()
