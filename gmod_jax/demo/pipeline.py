@@ -98,6 +98,11 @@ class DemoConfig:
     # Other MoDConfig fields for the adapted model, as (name, value) pairs, e.g.
     # (("inference_routing", "capacity"),).
     mod_options: tuple[tuple[str, Any], ...] = ()
+    # Where the shared router starts (`gmod_jax.demo.router_probes`): "random" (official: the
+    # adapter's random init) or "redundancy" (a probe for issue 26, not the paper's method: the
+    # direction away from the mean routable token of `router_start_samples` training prompts).
+    router_start: str = "random"
+    router_start_samples: int = 64
     # evaluation
     eval_batch: int = 64
     eval_limit: int | None = None  # first N held-out questions only (None: all)
@@ -125,6 +130,8 @@ class DemoConfig:
             raise ValueError(f"num_dense must be in 1..{self.model.text.num_layers - 1}")
         if self.model.mod.enabled:
             raise ValueError("DemoConfig.model is the dense architecture; the demo adapts it to γ-MoD itself")
+        if self.router_start not in ("random", "redundancy"):
+            raise ValueError(f"router_start must be 'random' or 'redundancy', got {self.router_start!r}")
 
     @property
     def mod_kwargs(self) -> dict[str, Any]:
@@ -651,15 +658,27 @@ def layers_with_tie_break(arank_mean, num_dense: int) -> tuple[list[int], bool]:
     return layers, list(by_arank) != layers
 
 
-def adapt_stage(prep: Prepared, out: Path, layers, seed: int, **mod_kw) -> dict:
-    """`convert.to_mod.adapt` of the dense checkpoint, saved with its tokenizer."""
+def adapt_stage(prep: Prepared, out: Path, layers, seed: int, router_start: str = "random",
+                router_start_samples: int = 64, **mod_kw) -> dict:
+    """`convert.to_mod.adapt` of the dense checkpoint, saved with its tokenizer; with
+    `router_start="redundancy"` the router starts from `gmod_jax.demo.router_probes`' direction."""
     from gmod_jax.checkpoint import load_checkpoint, save_checkpoint
     from convert.to_mod import adapt
 
     config, params = load_checkpoint(prep.paths.ckpt("dense"))
     new_config, new_params = adapt(config, params, tuple(layers), seed=seed, **mod_kw)
+    info = {}
+    if router_start == "redundancy":
+        import gmod_jax
+        from gmod_jax.demo.router_probes import redundancy_router
+
+        kernel, info = redundancy_router(config, new_params, new_config.mod.layers, prep.tokenizer,
+                                         gmod_jax.load(str(prep.paths.ckpt("dense"))), prep.paths.data / "train.json",
+                                         prep.paths.data, router_start_samples, TEMPLATE)
+        new_params["llm"]["mod_router"]["kernel"] = kernel
     save_checkpoint(out, new_params, new_config, tokenizer_src_dir=prep.paths.ckpt("dense"), overwrite=True)
-    return {"mod_layers": list(new_config.mod.layers), "mod": dataclasses.asdict(new_config.mod)}
+    return {"mod_layers": list(new_config.mod.layers), "mod": dataclasses.asdict(new_config.mod),
+            "router_start": router_start, **({"router_start_fit": info} if info else {})}
 
 
 def finetune_stage(stages: Stages, prep: Prepared, template: TrainConfig, name: str, init: Path, workdir: Path,
@@ -692,10 +711,13 @@ def run_demo(cfg: DemoConfig, workdir: str | os.PathLike, rerun: tuple[str, ...]
     paths, bucket = prep.paths, prep.bucket
 
     # adapt with the ARank layer list, then the two fine-tunes with the same budget
+    # The official random start keeps the stage's earlier fingerprint (finished runs stay cached).
+    adapt_inputs = cfg.mod_kwargs if cfg.router_start == "random" else \
+        {**cfg.mod_kwargs, "router_start": cfg.router_start, "router_start_samples": cfg.router_start_samples}
     adapted = stages.run(
-        "adapt", cfg.mod_kwargs, [paths.ckpt("mod_init") / "config.json"],
+        "adapt", adapt_inputs, [paths.ckpt("mod_init") / "config.json"],
         lambda: adapt_stage(prep, paths.ckpt("mod_init"), stages.done["arank"].result["mod_layers"], cfg.seed,
-                            **cfg.mod_kwargs), deps=("arank",))
+                            cfg.router_start, cfg.router_start_samples, **cfg.mod_kwargs), deps=("arank",))
     ft = {"mod_ft": finetune_stage(stages, prep, cfg.finetune, "mod_ft", paths.ckpt("mod_init"), paths.train("mod_ft"),
                                    paths.ckpt("mod_ft"), ("adapt", "tfds")),
           "dense_ft": finetune_stage(stages, prep, cfg.finetune, "dense_ft", paths.ckpt("dense"), paths.train("dense_ft"),
