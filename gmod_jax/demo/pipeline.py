@@ -103,6 +103,11 @@ class DemoConfig:
     # direction away from the mean routable token of `router_start_samples` training prompts).
     router_start: str = "random"
     router_start_samples: int = 64
+    # > 0 (a probe for issue 26, not the paper's method): the γ-MoD fine-tune's first N steps run
+    # with every token kept (routing ratio 0, no routing loss), so the LM loss reaches the
+    # keep-probability of every token through its scaled MLP output, before routing starts from
+    # what the router learnt; the remaining finetune.num_steps - N steps are the official ones.
+    router_warmup_steps: int = 0
     # evaluation
     eval_batch: int = 64
     eval_limit: int | None = None  # first N held-out questions only (None: all)
@@ -132,6 +137,8 @@ class DemoConfig:
             raise ValueError("DemoConfig.model is the dense architecture; the demo adapts it to γ-MoD itself")
         if self.router_start not in ("random", "redundancy"):
             raise ValueError(f"router_start must be 'random' or 'redundancy', got {self.router_start!r}")
+        if not 0 <= self.router_warmup_steps < self.finetune.num_steps:
+            raise ValueError(f"router_warmup_steps must be in 0..{self.finetune.num_steps - 1}")
 
     @property
     def mod_kwargs(self) -> dict[str, Any]:
@@ -681,6 +688,19 @@ def adapt_stage(prep: Prepared, out: Path, layers, seed: int, router_start: str 
             "router_start": router_start, **({"router_start_fit": info} if info else {})}
 
 
+def reroute_stage(src: Path, out: Path, mod_kw: dict) -> dict:
+    """A γ-MoD checkpoint (the all-kept warm-up's) with its routing set to `mod_kw`'s routing
+    ratio and routing-loss weight, its weights unchanged: where the official fine-tune starts."""
+    from gmod_jax.checkpoint import load_checkpoint, save_checkpoint
+
+    config, params = load_checkpoint(src)
+    mod = dataclasses.replace(config.mod, **{k: v for k, v in mod_kw.items()
+                                             if k in ("routing_ratio", "router_aux_loss_coef")})
+    new_config = config.replace(mod=mod)
+    save_checkpoint(out, params, new_config, tokenizer_src_dir=src, overwrite=True)
+    return {"mod_layers": list(mod.layers), "mod": dataclasses.asdict(mod), "router_warmup_from": str(src)}
+
+
 def finetune_stage(stages: Stages, prep: Prepared, template: TrainConfig, name: str, init: Path, workdir: Path,
                    export: Path, deps: tuple, num_steps: int | None = None) -> StageResult:
     """Fine-tune `init` on the instruction data (the model comes from the checkpoint)."""
@@ -714,12 +734,27 @@ def run_demo(cfg: DemoConfig, workdir: str | os.PathLike, rerun: tuple[str, ...]
     # The official random start keeps the stage's earlier fingerprint (finished runs stay cached).
     adapt_inputs = cfg.mod_kwargs if cfg.router_start == "random" else \
         {**cfg.mod_kwargs, "router_start": cfg.router_start, "router_start_samples": cfg.router_start_samples}
-    adapted = stages.run(
-        "adapt", adapt_inputs, [paths.ckpt("mod_init") / "config.json"],
-        lambda: adapt_stage(prep, paths.ckpt("mod_init"), stages.done["arank"].result["mod_layers"], cfg.seed,
-                            cfg.router_start, cfg.router_start_samples, **cfg.mod_kwargs), deps=("arank",))
+    layers = stages.done["arank"].result["mod_layers"]
+    warmup = cfg.router_warmup_steps
+    if not warmup:
+        adapted = stages.run(
+            "adapt", adapt_inputs, [paths.ckpt("mod_init") / "config.json"],
+            lambda: adapt_stage(prep, paths.ckpt("mod_init"), layers, cfg.seed, cfg.router_start,
+                                cfg.router_start_samples, **cfg.mod_kwargs), deps=("arank",))
+    else:  # probe: the first steps keep every token, then the official routing (router_warmup_steps)
+        warm_kw = {**cfg.mod_kwargs, "routing_ratio": 0.0, "router_aux_loss_coef": 0.0}
+        stages.run("adapt_warmup", {**adapt_inputs, **warm_kw}, [paths.ckpt("mod_warm_init") / "config.json"],
+                   lambda: adapt_stage(prep, paths.ckpt("mod_warm_init"), layers, cfg.seed, cfg.router_start,
+                                       cfg.router_start_samples, **warm_kw), deps=("arank",))
+        finetune_stage(stages, prep, cfg.finetune, "mod_warmup", paths.ckpt("mod_warm_init"), paths.train("mod_warmup"),
+                       paths.ckpt("mod_warmup"), ("adapt_warmup", "tfds"), num_steps=warmup)
+        adapted = stages.run("adapt", {**adapt_inputs, "router_warmup_steps": warmup},
+                             [paths.ckpt("mod_init") / "config.json"],
+                             lambda: reroute_stage(paths.ckpt("mod_warmup"), paths.ckpt("mod_init"), cfg.mod_kwargs),
+                             deps=("mod_warmup",))
     ft = {"mod_ft": finetune_stage(stages, prep, cfg.finetune, "mod_ft", paths.ckpt("mod_init"), paths.train("mod_ft"),
-                                   paths.ckpt("mod_ft"), ("adapt", "tfds")),
+                                   paths.ckpt("mod_ft"), ("adapt", "tfds"),
+                                   num_steps=cfg.finetune.num_steps - warmup if warmup else None),
           "dense_ft": finetune_stage(stages, prep, cfg.finetune, "dense_ft", paths.ckpt("dense"), paths.train("dense_ft"),
                                      paths.ckpt("dense_ft"), ("dense", "tfds"))}
 

@@ -13,7 +13,7 @@ import platform
 from pathlib import Path
 
 LOSS_PNG = "loss_curves.png"
-STAGE_ORDER = ("dataset", "tokenizer", "tfds", "vision", "pretrain", "dense", "arank", "adapt", "mod_ft", "dense_ft",
+STAGE_ORDER = ("dataset", "tokenizer", "tfds", "vision", "pretrain", "dense", "arank", "adapt_warmup", "mod_warmup", "adapt", "mod_ft", "dense_ft",
                "eval_dense", "eval_dense_ft", "eval_mod_ft", "routing", "speed")
 
 
