@@ -124,3 +124,24 @@ def test_patches_config_sees_each_scene_patch_as_one_image_token():
     assert v.image_size // v.patch_size == cfg.synthetic.patch_grid == 8
     assert cfg.synthetic.image_size == v.image_size and cfg.synthetic.grid == 4  # 2x2 patches per cell
     assert cfg.dense_train.data.max_length >= 33 + 64 and cfg.finetune.data.max_length == cfg.dense_train.data.max_length
+
+
+def test_redundancy_start_ranks_the_odd_tokens_above_the_many_alike():
+    from gmod_jax.demo.router_probes import (object_over_background, redundancy_direction,
+                                             router_kernel_from_direction)
+
+    rng = np.random.default_rng(1)
+    d = 16
+    common, odd = rng.normal(size=d), rng.normal(size=(4, d))
+    # 12 near-copies of one vector (background) and 4 distinct ones (objects) per image
+    inputs = np.concatenate([common + 0.05 * rng.normal(size=(12, d)), odd])[None]
+    objects = np.array([[False] * 12 + [True] * 4])
+    direction = redundancy_direction(inputs, np.ones((1, 16), bool))
+    assert np.linalg.norm(direction) == pytest.approx(1.0)
+    kernel = router_kernel_from_direction(direction, np.zeros((d, 2), np.float32))
+    margin = inputs[0] @ (kernel[:, 1] - kernel[:, 0]).astype(np.float64)
+    assert object_over_background(margin[None], objects) == 1.0  # every object above all background
+    assert object_over_background(-margin[None], objects) == 0.0
+    assert object_over_background(margin[None], np.zeros((1, 16), bool)) is None  # no object: no pairs
+    with pytest.raises(ValueError, match="router kernel"):
+        router_kernel_from_direction(direction, np.zeros((3, d, 2), np.float32))

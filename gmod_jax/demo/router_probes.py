@@ -95,17 +95,57 @@ def router_kernel_from_direction(direction: np.ndarray, like: np.ndarray) -> np.
     return np.stack([-margin / 2, margin / 2], axis=1).astype(like.dtype)
 
 
+def object_over_background(scores: np.ndarray, objects: np.ndarray) -> float | None:
+    """How often an object patch outscores a background patch of the same image (pairs within
+    each image, averaged over images that have both): 1 = every object ranked above all the
+    background, so a top-k router would skip background first; 0 = the reverse; 0.5 = no order.
+    scores: [N, P] router margins of the image tokens; objects: bool [N, P]."""
+    per_image = []
+    for s, o in zip(np.asarray(scores, np.float64), np.asarray(objects, bool)):
+        if o.any() and (~o).any():
+            per_image.append(float(np.mean(s[o][:, None] > s[~o][None, :])))
+    return float(np.mean(per_image)) if per_image else None
+
+
+def patch_scores(inputs: np.ndarray, types: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """[N, image tokens]: each image token's score along `direction` (images in reading order)."""
+    from gmod_jax import token_types as tt
+
+    rows = [inputs[i][types[i] == tt.IMAGE] @ direction for i in range(len(inputs))]
+    return np.stack(rows)
+
+
 def redundancy_router(config, params, mod_layers, tokenizer, model, train_json: Path, data_dir: Path, n: int,
                       template: str) -> tuple[np.ndarray, dict]:
-    """The `router_init="redundancy"` kernel for the adapted model and what it was fitted on."""
+    """The `router_start="redundancy"` kernel for the adapted model and what it was fitted on,
+    with how the start ranks object over background patches on those training images, next to
+    the official random starts of router seeds 0-9 (the same model, the same images)."""
     from gmod_jax import token_types as tt
+    from gmod_jax.models.llama import _router_init
 
     ids, pixels, mask, types = calibration_batch(model, tokenizer, train_json, data_dir, n, template)
     first = min(mod_layers)
     inputs = layer_inputs(config, params, first, ids, pixels, mask, types)
     routable = mask & np.isin(types, (tt.SYSTEM, tt.IMAGE))
     direction = redundancy_direction(inputs, routable)
-    kernel = router_kernel_from_direction(direction, np.asarray(params["llm"]["mod_router"]["kernel"]))
+    like = np.asarray(params["llm"]["mod_router"]["kernel"])
+    kernel = router_kernel_from_direction(direction, like)
     score = inputs @ direction
-    by_type = {tt.NAMES[t]: float(score[mask & (types == t)].mean()) for t in (tt.SYSTEM, tt.IMAGE)}
-    return kernel, {"samples": len(ids), "layer": first, "mean_score_by_type": by_type}
+    info = {"samples": len(ids), "layer": first,
+            "mean_score_by_type": {tt.NAMES[t]: float(score[mask & (types == t)].mean()) for t in (tt.SYSTEM, tt.IMAGE)}}
+    records = [r for r in json.loads(Path(train_json).read_text()) if r.get("image")][:n]
+    maps = [r["scene"].get("patch_objects") for r in records]
+    if all(m is not None for m in maps) and not config.vision.feature_strategy == "full":
+        objects = np.asarray(maps, bool).reshape(len(maps), -1)
+        import jax
+
+        from gmod_jax.config import MoDConfig
+
+        info["object_over_background"] = object_over_background(patch_scores(inputs, types, direction), objects)
+        mod_cfg = config.replace(mod=MoDConfig(enabled=True, layers=tuple(mod_layers)))
+        random_starts = []
+        for seed in range(10):
+            k = np.asarray(_router_init(jax.random.PRNGKey(seed), mod_cfg, like.dtype), np.float64)
+            random_starts.append(object_over_background(patch_scores(inputs, types, k[:, 1] - k[:, 0]), objects))
+        info["object_over_background_random_starts"] = random_starts
+    return kernel, info
