@@ -278,7 +278,11 @@ def write_report(root: Path, cfg, s: dict) -> Path:
         f"(prompts up to {s['prompt_bucket']} tokens).")
     add(f"- **γ-MoD**: MoD layers {mod_layers} from ARank, one router shared by all of them, "
         f"routing ratio {cfg.routing_ratio}, masking `{cfg.masking}`, inference rule `{sp['rule']}`"
-        + (f", options {dict(cfg.mod_options)}" if cfg.mod_options else "") + ".")
+        + (f", options {dict(cfg.mod_options)}" if cfg.mod_options else "") + "."
+        + (f" Router probe (issue 26; not the paper's method): start `{cfg.router_start}`"
+           + (f", the first {cfg.router_warmup_steps} fine-tune steps with every token kept"
+              if cfg.router_warmup_steps else "") + "."
+           if cfg.router_start != "random" or cfg.router_warmup_steps else ""))
     add("")
 
     add("## Stage times\n")
