@@ -26,7 +26,7 @@ def test_patch_map_of_a_hand_placed_square():
 
 
 def test_recorded_patch_maps_match_the_drawn_pixels():
-    cfg = SyntheticConfig(image_size=112, grid=4, patch_grid=8, max_objects=4)
+    cfg = SyntheticConfig(image_size=112, grid=4, patch_grid=8, max_objects=4, text_only_fraction=0.0)
     background = []
     for i in range(30):
         scene = make_sample(0, "eval", i, cfg)["scene"]
@@ -46,8 +46,8 @@ def test_recorded_patch_maps_match_the_drawn_pixels():
 
 
 def test_scenes_without_patch_grid_carry_no_map_and_draw_the_same():
-    plain = make_sample(0, "train", 3, SyntheticConfig(image_size=112, grid=4))
-    mapped = make_sample(0, "train", 3, SyntheticConfig(image_size=112, grid=4, patch_grid=8))
+    plain = make_sample(0, "train", 3, SyntheticConfig(image_size=112, grid=4, text_only_fraction=0.0))
+    mapped = make_sample(0, "train", 3, SyntheticConfig(image_size=112, grid=4, patch_grid=8, text_only_fraction=0.0))
     assert "patch_objects" not in plain["scene"]
     assert {k: v for k, v in mapped["scene"].items() if k != "patch_objects"} == plain["scene"]
     assert mapped["conversations"] == plain["conversations"]
