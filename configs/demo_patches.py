@@ -18,8 +18,11 @@ What changes from configs/demo_default.py, and why:
   so a router that keeps the system prompt skips three quarters of the image; at 0.34 (33
   skipped) skipping the whole system prompt would already fill the budget.
 Everything else (tower pretraining, caption and question stages, learning rates, the routing
-loss weight and inference options) is the default demo's. Measured on 2 CPU cores: see
-docs/demo.md, "Background and object patches".
+loss weight and inference options) is the default demo's. Measured on 2 CPU cores (seed 0,
+docs/demo.md, "Background and object patches"): dense 69.2% (target 90% missed), 37 minutes;
+with the official random router start γ-MoD skips background and object patches alike (31.8% /
+28.0%, by position); with `--set router_start=redundancy` (a probe, not the paper's method) it
+skips 74.9% of the background and 6.0% of the objects, 0.5 points above the dense fine-tune.
 """
 
 import dataclasses
