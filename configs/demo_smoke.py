@@ -17,7 +17,8 @@ from train.config import DataConfig, OptimConfig, TrainConfig
 def get_config() -> DemoConfig:
     synthetic = SyntheticConfig(image_size=28, grid=2, min_objects=1, max_objects=2, shapes=("circle", "square"),
                                 colors=("red", "blue"), max_turns=1, text_only_fraction=0.0, caption_order="colour",
-                                caption_positions=True, vertical_question="where", answer_style="key")
+                                caption_positions=True, vertical_question="where", answer_style="key",
+                                patch_grid=2)  # per-patch object maps: the routing stage scores them
     model = C.ModelConfig(
         vision=C.VisionConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, image_size=28,
                               patch_size=14, feature_layer=-1),  # 4 image tokens

@@ -135,8 +135,11 @@ def _pyplot():
     return plt
 
 
-def plot_patches(path, image: np.ndarray, grids: np.ndarray, mod_layers, title: str = ""):
-    """Grid of panels: the input image, then one per MoD layer with skipped patches greyed."""
+def plot_patches(path, image: np.ndarray, grids: np.ndarray, mod_layers, title: str = "",
+                 outline: np.ndarray | None = None):
+    """Grid of panels: the input image, then one per MoD layer with skipped patches greyed.
+    `outline` (bool [g, g], optional): patches drawn with a red frame in every panel, e.g. the
+    patches that show an object, so what a layer skipped can be told from what it should keep."""
     plt = _pyplot()
     n = len(mod_layers) + 1
     cols = min(n, 8)
@@ -155,11 +158,25 @@ def plot_patches(path, image: np.ndarray, grids: np.ndarray, mod_layers, title: 
         overlay[skipped] = (0.55, 0.55, 0.55, 0.85)  # grey, mostly opaque: "this layer never saw it"
         ax.imshow(overlay, extent=(0, w, h, 0), interpolation="nearest")
         ax.set_title(f"layer {layer}: skip {skipped.mean():.0%}", fontsize=8)
+    if outline is not None:
+        _outline_patches(axes.flat[:n], np.asarray(outline, bool), h, w)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _outline_patches(axes, outline: np.ndarray, h: int, w: int) -> None:
+    """A thin red frame around every True patch of `outline` [g, g] in each of `axes`."""
+    from matplotlib.patches import Rectangle
+
+    g_rows, g_cols = outline.shape
+    ph, pw = h / g_rows, w / g_cols
+    for ax in axes:
+        for r, c in zip(*np.nonzero(outline)):
+            ax.add_patch(Rectangle((c * pw - 0.5, r * ph - 0.5), pw, ph, fill=False, edgecolor="red",
+                                   linewidth=0.8))
 
 
 def plot_token_types(path, rates: dict, mod_layers, title: str = ""):

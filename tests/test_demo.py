@@ -62,6 +62,14 @@ def test_demo_smoke_end_to_end_and_cache(tmp_path):
     assert f"(image {100 * by_type['image']:.1f}%, system {100 * by_type['system']:.1f}%)" in report
     assert summary["speed"]["ms_per_sample_dense"] > 0 and summary["speed"]["ms_per_sample_mod"] > 0
     assert {c["what"].split()[0] for c in summary["criteria"]} >= {"dense", "γ-MoD", "all"}
+    # The scenes carry patch maps (patch_grid): background vs object patches skipped, per MoD layer,
+    # in the summary, the report's table and the targets.
+    patches = summary["routing"]["patches"]
+    assert len(patches["per_layer"]) == len(mod_layers)
+    o = patches["overall"]
+    assert o["background"] + o["objects"] == len(mod_layers) * cfg.routing_samples * 4  # 2x2 patches per image
+    assert "| MoD layer | background patches skipped |" in report and "| **all MoD layers** |" in report
+    assert any("background patches" in c["what"] for c in summary["criteria"])
 
     # Second run: every stage comes from its stamp; only the report is rewritten.
     lines.clear()
@@ -78,12 +86,22 @@ def test_demo_smoke_end_to_end_and_cache(tmp_path):
     # A changed upstream checkpoint retrains the fine-tune from it: the routing ratio lives in the
     # adapted checkpoint, not in the fine-tune's own config, and a finished fine-tune workdir with
     # the same config must not be taken for a resumable run of the new one.
+    # The same run also takes issue 26's two router probes: the redundancy start (fitted on the
+    # training prompts) and a one-step all-kept warm-up before the official routing.
     before = json.loads((tmp_path / "stages/mod_ft.json").read_text())["result"]
-    fourth = demo.main(["--workdir", str(tmp_path), "--set", f"routing_ratio={cfg.routing_ratio / 2}"],
-                       config=cfg, echo=lines.append)
-    assert {"adapt", "mod_ft", "eval_mod_ft"} <= set(fourth["ran"]) and "dense_ft" not in fourth["ran"]
+    fourth = demo.main(["--workdir", str(tmp_path), "--set", f"routing_ratio={cfg.routing_ratio / 2}",
+                        "router_start=redundancy", "router_warmup_steps=1"], config=cfg, echo=lines.append)
+    assert {"adapt_warmup", "mod_warmup", "adapt", "mod_ft", "eval_mod_ft"} <= set(fourth["ran"])
+    assert "dense_ft" not in fourth["ran"]
     after = json.loads((tmp_path / "stages/mod_ft.json").read_text())["result"]
     assert after["final_train_skip_ratio"] < before["final_train_skip_ratio"]
+    assert after["steps"] == cfg.finetune.num_steps - 1
+    warm = json.loads((tmp_path / "stages/adapt_warmup.json").read_text())["result"]
+    assert warm["router_start"] == "redundancy" and warm["mod"]["routing_ratio"] == 0.0
+    assert 0.0 <= warm["router_start_fit"]["object_over_background"] <= 1.0
+    assert len(warm["router_start_fit"]["object_over_background_random_starts"]) == 10
+    rerouted = json.loads((tmp_path / "ckpt/mod_init/config.json").read_text())["mod"]
+    assert rerouted["routing_ratio"] == cfg.routing_ratio / 2
 
 
 def test_stages_rerun_what_changed_and_what_depends_on_it(tmp_path):

@@ -73,6 +73,11 @@ class SyntheticConfig:
     # ..."): counting a shape across colours is practised in every caption, not only in its share
     # of the questions.
     caption_shape_counts: bool = False
+    # > 0: each image scene also records `patch_objects`, a patch_grid x patch_grid boolean map
+    # (reading order rows) of which square patches of the drawn image hold any object pixel (True)
+    # and which are pure background (False). Set it to the vision tower's patches per side, so
+    # routing can be scored per image token (background skipped vs objects kept). 0: not recorded.
+    patch_grid: int = 0
 
     def __post_init__(self):
         if not 1 <= self.min_objects <= self.max_objects <= self.grid * self.grid:
@@ -92,6 +97,8 @@ class SyntheticConfig:
             raise ValueError(f"answer_style must be 'word' or 'key', got {self.answer_style!r}")
         if self.vertical_question not in ("which", "where"):
             raise ValueError(f"vertical_question must be 'which' or 'where', got {self.vertical_question!r}")
+        if self.patch_grid < 0 or (self.patch_grid and self.image_size % self.patch_grid):
+            raise ValueError(f"patch_grid must be 0 or divide image_size {self.image_size}, got {self.patch_grid}")
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -151,6 +158,16 @@ def render_scene(scene: dict[str, Any]) -> Image.Image:
         else:
             draw.polygon(_polygon(obj["shape"], cx, cy, r), fill=fill)
     return img
+
+
+def patch_object_map(scene: dict[str, Any], patch_grid: int, image: Image.Image | None = None) -> np.ndarray:
+    """bool [patch_grid, patch_grid]: True where the patch holds at least one pixel drawn in an
+    object's colour, False where every pixel is the scene's background. Read from the drawn image
+    (`render_scene`, no anti-aliasing), so it is what the vision tower sees, shape by shape."""
+    pixels = np.asarray(image if image is not None else render_scene(scene))
+    side = scene["image_size"] // patch_grid
+    drawn = np.any(pixels != np.asarray(scene["background"], pixels.dtype), axis=-1)  # [H, W]
+    return drawn.reshape(patch_grid, side, patch_grid, side).any(axis=(1, 3))
 
 
 def _plural(shape: str) -> str:
@@ -287,6 +304,8 @@ def make_sample(seed: int, split: str, index: int, config: SyntheticConfig = Syn
     if rng.random() < config.text_only_fraction:
         return {"id": sample_id, "conversations": _conversation(_text_only(rng), False, config.question_suffix)}
     scene = make_scene(rng, config)
+    if config.patch_grid:
+        scene["patch_objects"] = patch_object_map(scene, config.patch_grid).tolist()
     return {
         "id": sample_id,
         "image": f"images/{split}/{index:06d}.png",

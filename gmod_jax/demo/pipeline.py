@@ -98,6 +98,16 @@ class DemoConfig:
     # Other MoDConfig fields for the adapted model, as (name, value) pairs, e.g.
     # (("inference_routing", "capacity"),).
     mod_options: tuple[tuple[str, Any], ...] = ()
+    # Where the shared router starts (`gmod_jax.demo.router_probes`): "random" (official: the
+    # adapter's random init) or "redundancy" (a probe for issue 26, not the paper's method: the
+    # direction away from the mean routable token of `router_start_samples` training prompts).
+    router_start: str = "random"
+    router_start_samples: int = 64
+    # > 0 (a probe for issue 26, not the paper's method): the γ-MoD fine-tune's first N steps run
+    # with every token kept (routing ratio 0, no routing loss), so the LM loss reaches the
+    # keep-probability of every token through its scaled MLP output, before routing starts from
+    # what the router learnt; the remaining finetune.num_steps - N steps are the official ones.
+    router_warmup_steps: int = 0
     # evaluation
     eval_batch: int = 64
     eval_limit: int | None = None  # first N held-out questions only (None: all)
@@ -115,12 +125,20 @@ class DemoConfig:
     target_max_accuracy_drop: float = 2.0
     target_routable_skip: float = 0.30
     target_minutes: float = 15.0
+    # With a patch map (`synthetic.patch_grid`): the share of image tokens the MoD layers skip,
+    # and the share of those that are background patches (issue 26, the paper's Fig. 4 claim).
+    target_image_skip: float = 0.40
+    target_background_share: float = 0.90
 
     def __post_init__(self):
         if self.num_dense < 1 or self.num_dense >= self.model.text.num_layers:
             raise ValueError(f"num_dense must be in 1..{self.model.text.num_layers - 1}")
         if self.model.mod.enabled:
             raise ValueError("DemoConfig.model is the dense architecture; the demo adapts it to γ-MoD itself")
+        if self.router_start not in ("random", "redundancy"):
+            raise ValueError(f"router_start must be 'random' or 'redundancy', got {self.router_start!r}")
+        if not 0 <= self.router_warmup_steps < self.finetune.num_steps:
+            raise ValueError(f"router_warmup_steps must be in 0..{self.finetune.num_steps - 1}")
 
     @property
     def mod_kwargs(self) -> dict[str, Any]:
@@ -387,6 +405,16 @@ def heldout_prompts(paths: Paths, n: int) -> list[dict]:
             for q in qs[:n]]
 
 
+def heldout_patch_maps(paths: Paths, images: list[str]) -> np.ndarray | None:
+    """bool [len(images), g, g]: each held-out image's `patch_objects` map (True = object
+    pixels in the patch), from the scenes of the held-out split; None if its scenes carry none."""
+    scenes = {r["image"]: r["scene"] for r in json.loads((paths.data / "eval.json").read_text()) if r.get("image")}
+    maps = [scenes[image].get("patch_objects") for image in images]
+    if any(m is None for m in maps):
+        return None
+    return np.asarray(maps, bool)
+
+
 def routing_stage(ckpt: Path, paths: Paths, out: Path, cfg: DemoConfig, answers: dict[str, str]) -> dict:
     """Which tokens the γ-MoD model skips at inference, with the prefill rule, over held-out
     prompts followed by the model's own answers (teacher forced, as the paper's Fig. 4):
@@ -414,6 +442,18 @@ def routing_stage(ckpt: Path, paths: Paths, out: Path, cfg: DemoConfig, answers:
     pixels = np.stack([e[2] for e in encoded])
     kept, probs = V.routing_trace(model, ids, pixels, mask, types, mode="inference")
     layers = list(model.config.mod.layers)
+    # Per image, which patches hold objects (scenes written with `synthetic.patch_grid`), and the
+    # per-layer patch grids of what each MoD layer kept: background vs object patches skipped.
+    object_maps = heldout_patch_maps(paths, [p["image"] for p in prompts])
+    grids_all = np.stack([V.image_patch_grid(model.config, kept[:, i], types[i]) for i in range(b)], axis=1)
+    patch_stats = None
+    if object_maps is not None:
+        if object_maps.shape[1:] != grids_all.shape[2:]:
+            raise ValueError(f"scenes record {object_maps.shape[1:]} patches, the model sees {grids_all.shape[2:]}: "
+                             "set synthetic.patch_grid to the vision tower's patches per side")
+        from gmod_jax.demo.patches import patch_skip_shares
+
+        patch_stats = patch_skip_shares(grids_all, object_maps)
     rates = V.skip_rates_by_type(kept, types)
     routable = np.isin(types, model.config.mod.routable_types) & mask
     prompt_tokens = mask & (types != tt.ANSWER)
@@ -424,11 +464,12 @@ def routing_stage(ckpt: Path, paths: Paths, out: Path, cfg: DemoConfig, answers:
     overlays = []
     for i in range(min(cfg.num_overlays, b)):
         image = np.clip(pixels[i] * np.asarray(CLIP_STD, np.float32) + np.asarray(CLIP_MEAN, np.float32), 0, 1)
-        grids = V.image_patch_grid(model.config, kept[:, i], types[i])
+        grids = grids_all[:, i]
         p = prompts[i]
         name = f"overlay_{i}.png"
         V.plot_patches(out / name, image, grids, layers,
-                       f"Q: {p['text']}  A: {answers.get(p['question_id'], '?')} (gold: {p['answer']})")
+                       f"Q: {p['text']}  A: {answers.get(p['question_id'], '?')} (gold: {p['answer']})",
+                       outline=None if object_maps is None else object_maps[i])
         overlays.append({"file": name, "question": p["text"], "answer": answers.get(p["question_id"]),
                          "gold": p["answer"], "image": p["image"],
                          "patch_skip_per_layer": [float(v) for v in 1.0 - grids.reshape(len(layers), -1).mean(1)]})
@@ -442,6 +483,8 @@ def routing_stage(ckpt: Path, paths: Paths, out: Path, cfg: DemoConfig, answers:
         "keep_prob_mean_by_type": {tt.NAMES[t]: float(probs[:, (types == t) & mask].mean())
                                    for t in (tt.SYSTEM, tt.IMAGE, tt.QUESTION, tt.ANSWER) if ((types == t) & mask).any()},
         "overlays": overlays, "chart": "skip_rate_by_token_type.png",
+        # None when the scenes carry no patch map (`synthetic.patch_grid` = 0)
+        "patches": patch_stats,
     }
     write_json(out / "routing_summary.json", summary)
     return summary
@@ -622,15 +665,40 @@ def layers_with_tie_break(arank_mean, num_dense: int) -> tuple[list[int], bool]:
     return layers, list(by_arank) != layers
 
 
-def adapt_stage(prep: Prepared, out: Path, layers, seed: int, **mod_kw) -> dict:
-    """`convert.to_mod.adapt` of the dense checkpoint, saved with its tokenizer."""
+def adapt_stage(prep: Prepared, out: Path, layers, seed: int, router_start: str = "random",
+                router_start_samples: int = 64, **mod_kw) -> dict:
+    """`convert.to_mod.adapt` of the dense checkpoint, saved with its tokenizer; with
+    `router_start="redundancy"` the router starts from `gmod_jax.demo.router_probes`' direction."""
     from gmod_jax.checkpoint import load_checkpoint, save_checkpoint
     from convert.to_mod import adapt
 
     config, params = load_checkpoint(prep.paths.ckpt("dense"))
     new_config, new_params = adapt(config, params, tuple(layers), seed=seed, **mod_kw)
+    info = {}
+    if router_start == "redundancy":
+        import gmod_jax
+        from gmod_jax.demo.router_probes import redundancy_router
+
+        kernel, info = redundancy_router(config, new_params, new_config.mod.layers, prep.tokenizer,
+                                         gmod_jax.load(str(prep.paths.ckpt("dense"))), prep.paths.data / "train.json",
+                                         prep.paths.data, router_start_samples, TEMPLATE)
+        new_params["llm"]["mod_router"]["kernel"] = kernel
     save_checkpoint(out, new_params, new_config, tokenizer_src_dir=prep.paths.ckpt("dense"), overwrite=True)
-    return {"mod_layers": list(new_config.mod.layers), "mod": dataclasses.asdict(new_config.mod)}
+    return {"mod_layers": list(new_config.mod.layers), "mod": dataclasses.asdict(new_config.mod),
+            "router_start": router_start, **({"router_start_fit": info} if info else {})}
+
+
+def reroute_stage(src: Path, out: Path, mod_kw: dict) -> dict:
+    """A γ-MoD checkpoint (the all-kept warm-up's) with its routing set to `mod_kw`'s routing
+    ratio and routing-loss weight, its weights unchanged: where the official fine-tune starts."""
+    from gmod_jax.checkpoint import load_checkpoint, save_checkpoint
+
+    config, params = load_checkpoint(src)
+    mod = dataclasses.replace(config.mod, **{k: v for k, v in mod_kw.items()
+                                             if k in ("routing_ratio", "router_aux_loss_coef")})
+    new_config = config.replace(mod=mod)
+    save_checkpoint(out, params, new_config, tokenizer_src_dir=src, overwrite=True)
+    return {"mod_layers": list(mod.layers), "mod": dataclasses.asdict(mod), "router_warmup_from": str(src)}
 
 
 def finetune_stage(stages: Stages, prep: Prepared, template: TrainConfig, name: str, init: Path, workdir: Path,
@@ -663,12 +731,30 @@ def run_demo(cfg: DemoConfig, workdir: str | os.PathLike, rerun: tuple[str, ...]
     paths, bucket = prep.paths, prep.bucket
 
     # adapt with the ARank layer list, then the two fine-tunes with the same budget
-    adapted = stages.run(
-        "adapt", cfg.mod_kwargs, [paths.ckpt("mod_init") / "config.json"],
-        lambda: adapt_stage(prep, paths.ckpt("mod_init"), stages.done["arank"].result["mod_layers"], cfg.seed,
-                            **cfg.mod_kwargs), deps=("arank",))
+    # The official random start keeps the stage's earlier fingerprint (finished runs stay cached).
+    adapt_inputs = cfg.mod_kwargs if cfg.router_start == "random" else \
+        {**cfg.mod_kwargs, "router_start": cfg.router_start, "router_start_samples": cfg.router_start_samples}
+    layers = stages.done["arank"].result["mod_layers"]
+    warmup = cfg.router_warmup_steps
+    if not warmup:
+        adapted = stages.run(
+            "adapt", adapt_inputs, [paths.ckpt("mod_init") / "config.json"],
+            lambda: adapt_stage(prep, paths.ckpt("mod_init"), layers, cfg.seed, cfg.router_start,
+                                cfg.router_start_samples, **cfg.mod_kwargs), deps=("arank",))
+    else:  # probe: the first steps keep every token, then the official routing (router_warmup_steps)
+        warm_kw = {**cfg.mod_kwargs, "routing_ratio": 0.0, "router_aux_loss_coef": 0.0}
+        stages.run("adapt_warmup", {**adapt_inputs, **warm_kw}, [paths.ckpt("mod_warm_init") / "config.json"],
+                   lambda: adapt_stage(prep, paths.ckpt("mod_warm_init"), layers, cfg.seed, cfg.router_start,
+                                       cfg.router_start_samples, **warm_kw), deps=("arank",))
+        finetune_stage(stages, prep, cfg.finetune, "mod_warmup", paths.ckpt("mod_warm_init"), paths.train("mod_warmup"),
+                       paths.ckpt("mod_warmup"), ("adapt_warmup", "tfds"), num_steps=warmup)
+        adapted = stages.run("adapt", {**adapt_inputs, "router_warmup_steps": warmup},
+                             [paths.ckpt("mod_init") / "config.json"],
+                             lambda: reroute_stage(paths.ckpt("mod_warmup"), paths.ckpt("mod_init"), cfg.mod_kwargs),
+                             deps=("mod_warmup",))
     ft = {"mod_ft": finetune_stage(stages, prep, cfg.finetune, "mod_ft", paths.ckpt("mod_init"), paths.train("mod_ft"),
-                                   paths.ckpt("mod_ft"), ("adapt", "tfds")),
+                                   paths.ckpt("mod_ft"), ("adapt", "tfds"),
+                                   num_steps=cfg.finetune.num_steps - warmup if warmup else None),
           "dense_ft": finetune_stage(stages, prep, cfg.finetune, "dense_ft", paths.ckpt("dense"), paths.train("dense_ft"),
                                      paths.ckpt("dense_ft"), ("dense", "tfds"))}
 
@@ -735,7 +821,27 @@ def check_criteria(cfg: DemoConfig, s: dict) -> list[dict]:
         {"what": f"all stages together within {cfg.target_minutes:g} minutes",
          "value": f"{first_run / 60:.1f} min (sum of stage times when they ran)",
          "ok": first_run <= 60 * cfg.target_minutes},
-    ]
+    ] + patch_criteria(cfg, s["routing"].get("patches"))
+
+
+def patch_criteria(cfg: DemoConfig, patches: dict | None) -> list[dict]:
+    """Issue 26's routing target, when the scenes carry patch maps: the MoD layers skip at least
+    `target_image_skip` of the image tokens, and at least `target_background_share` of the
+    skipped image tokens are background patches (held-out routing trace, all MoD layers)."""
+    if not patches:
+        return []
+    o = patches["overall"]
+    share = o["background_share"]
+    return [{"what": f"γ-MoD skips >= {cfg.target_image_skip:.0%} of the image tokens in its MoD layers, "
+                     f">= {cfg.target_background_share:.0%} of them background patches",
+             "value": f"{_share(o['image_skipped'])} skipped, {_share(share)} of them background "
+                      f"(background {_share(o['background_skipped'])} skipped, objects {_share(o['object_skipped'])})",
+             "ok": (o["image_skipped"] or 0.0) >= cfg.target_image_skip
+                   and share is not None and share >= cfg.target_background_share}]
+
+
+def _share(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
 
 
 # ----------------------------------------------------------------------------------------------

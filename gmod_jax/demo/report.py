@@ -13,7 +13,7 @@ import platform
 from pathlib import Path
 
 LOSS_PNG = "loss_curves.png"
-STAGE_ORDER = ("dataset", "tokenizer", "tfds", "vision", "pretrain", "dense", "arank", "adapt", "mod_ft", "dense_ft",
+STAGE_ORDER = ("dataset", "tokenizer", "tfds", "vision", "pretrain", "dense", "arank", "adapt_warmup", "mod_warmup", "adapt", "mod_ft", "dense_ft",
                "eval_dense", "eval_dense_ft", "eval_mod_ft", "routing", "speed")
 
 
@@ -98,6 +98,21 @@ def _train_skip(run: dict) -> str:
     by_type = run.get("final_train_skip_by_type") or {}
     parts = ", ".join(f"{kind} {_pct(v)}" for kind, v in by_type.items())
     return _pct(run["final_train_skip_ratio"]) + (f" ({parts})" if parts else "")
+
+
+def add_patch_table(add, patches: dict, mod_layers, samples: int) -> None:
+    """Background vs object patches skipped, per MoD layer and over all of them."""
+    o = patches["overall"]
+    add(f"Background and object patches ({samples} held-out images, {o['background'] // len(mod_layers)} background "
+        f"and {o['objects'] // len(mod_layers)} object patches per layer; a patch is an object patch when it holds "
+        "any pixel of a shape, the scene's `patch_objects` map, outlined red in the overlays below):\n")
+    add("| MoD layer | background patches skipped | object patches skipped | image tokens skipped "
+        "| background share of skipped |\n|---|---|---|---|---|")
+    rows = [(f"layer {l}", e) for l, e in zip(mod_layers, patches["per_layer"])] + [("**all MoD layers**", o)]
+    for label, e in rows:
+        add(f"| {label} | {_pct(e['background_skipped'])} | {_pct(e['object_skipped'])} | {_pct(e['image_skipped'])} "
+            f"| {_pct(e['background_share'])} |")
+    add("")
 
 
 def write_report(root: Path, cfg, s: dict) -> Path:
@@ -238,6 +253,8 @@ def write_report(root: Path, cfg, s: dict) -> Path:
     for name, r in rt["by_type"].items():
         add(f"| {name} | {r['tokens']} | {_pct(r['overall'])} | {_fmt(rt['keep_prob_mean_by_type'].get(name), '.3f')} |")
     add("")
+    if rt.get("patches"):
+        add_patch_table(add, rt["patches"], rt["mod_layers"], rt["samples"])
     for o in rt["overlays"]:
         add(f"**{o['question']}** model: *{o['answer']}*, gold: *{o['gold']}* — patches skipped per MoD layer: "
             + ", ".join(f"{x:.0%}" for x in o["patch_skip_per_layer"]) + "\n")
@@ -261,7 +278,11 @@ def write_report(root: Path, cfg, s: dict) -> Path:
         f"(prompts up to {s['prompt_bucket']} tokens).")
     add(f"- **γ-MoD**: MoD layers {mod_layers} from ARank, one router shared by all of them, "
         f"routing ratio {cfg.routing_ratio}, masking `{cfg.masking}`, inference rule `{sp['rule']}`"
-        + (f", options {dict(cfg.mod_options)}" if cfg.mod_options else "") + ".")
+        + (f", options {dict(cfg.mod_options)}" if cfg.mod_options else "") + "."
+        + (f" Router probe (issue 26; not the paper's method): start `{cfg.router_start}`"
+           + (f", the first {cfg.router_warmup_steps} fine-tune steps with every token kept"
+              if cfg.router_warmup_steps else "") + "."
+           if cfg.router_start != "random" or cfg.router_warmup_steps else ""))
     add("")
 
     add("## Stage times\n")
