@@ -162,17 +162,19 @@ def fit_router(model: Model, inputs: dict, steps: int, learning_rate: float, cal
         losses.append(float(loss))
     target = target_routable_skip(config, inputs["types"])
     fitted = _with_router(params, router)
-    uncalibrated = skip_of(fitted, inputs)
-    scale, history = 1.0, []
-    if calibrate:
-        scale, _, history = calibrate_router_scale(lambda p: skip_of(p, inputs), fitted, target)
+    if calibrate:  # its first probe (scale 1) is the fitted router's walk, its result the final one's
+        scale, after, history = calibrate_router_scale(lambda p: skip_of(p, inputs), fitted, target)
         fitted = _with_router(fitted, jax.tree.map(lambda w: w * scale, router))
-    after = skip_of(fitted, inputs)
+        uncalibrated = history[0][1]
+    else:
+        scale, history = 1.0, []
+        after = skip_of(fitted, inputs)
+        uncalibrated = after["routable_skip"]
     report = {"steps": steps, "learning_rate": learning_rate, "rows": int(embeds.shape[0]),
               "router_loss_first": losses[0] if losses else None, "router_loss_last": losses[-1] if losses else None,
               "target_routable_skip": target,
               "official_routable_skip_before": before["routable_skip"],
-              "official_routable_skip_fitted": uncalibrated["routable_skip"],
+              "official_routable_skip_fitted": uncalibrated,
               "router_scale": scale, "calibration": [list(h) for h in history],
               "official_routable_skip": after["routable_skip"], "official_skip": after["skip"],
               "fit_s": time.perf_counter() - t0}

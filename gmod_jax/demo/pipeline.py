@@ -135,8 +135,10 @@ class DemoConfig:
             raise ValueError(f"num_dense must be in 1..{self.model.text.num_layers - 1}")
         if self.model.mod.enabled:
             raise ValueError("DemoConfig.model is the dense architecture; the demo adapts it to γ-MoD itself")
-        if self.router_start not in ("random", "redundancy"):
-            raise ValueError(f"router_start must be 'random' or 'redundancy', got {self.router_start!r}")
+        from gmod_jax.demo.router_probes import ROUTER_STARTS
+
+        if self.router_start not in ROUTER_STARTS:
+            raise ValueError(f"router_start must be one of {ROUTER_STARTS}, got {self.router_start!r}")
         if not 0 <= self.router_warmup_steps < self.finetune.num_steps:
             raise ValueError(f"router_warmup_steps must be in 0..{self.finetune.num_steps - 1}")
 

@@ -5,14 +5,14 @@ Why the official router can miss the background (docs/demo.md, "Background and o
 patches"): its score is a linear map of the MoD layer's normalised input, z = N(x) W. The
 background patches of one image are near copies of each other (one colour, differing only in
 position), so their scores form one tight cluster that lies either above or below the object
-scores: whether the background is skipped is decided by one random bit of the initialisation.
-Training does not revisit that bit. The routing loss's target is the top-k of the router's own
+scores: whether the background is skipped is decided by the initialisation (measured: a random
+direction mostly reads patch position, docs/demo.md). Training does not revisit that order. The routing loss's target is the top-k of the router's own
 scores, so it only widens the margin of whatever split it starts from; the LM loss reaches the
 router only through the keep-probability that scales a *kept* token's MLP output, so a skipped
 object patch gets no gradient saying it was needed, and a kept background patch (whose MLP output
 little depends on) gets almost none saying it was not.
 
-`router_init="redundancy"` replaces the random start with the direction that separates redundant
+`router_start="redundancy"` replaces the random start with the direction that separates redundant
 tokens from the rest without any labels: the mean of the first MoD layer's normalised routable
 inputs (system prompt and image tokens) on training prompts. Tokens close to that mean, the
 many near-identical ones, score low and are skipped first; the distinct ones (object patches)
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROUTER_INITS = ("random", "redundancy")
+ROUTER_STARTS = ("random", "redundancy")  # DemoConfig.router_start
 
 
 def calibration_batch(model, tokenizer, train_json: Path, data_dir: Path, n: int, template: str):
