@@ -76,6 +76,27 @@ def test_dense_plan_equals_dense_model(mod_model):
     np.testing.assert_array_equal(out, dense)
 
 
+def test_unstacked_and_unscanned_layers_equal_the_stack(mod_model):
+    """Per-layer params (`unstack_layers`, what the decode loop runs on) and `scan_layers=False`
+    walk the same layers as the scanned stack, here with one router per MoD layer and the top-k
+    rule: same logits (float rounding), kept sets and router loss."""
+    from gmod_jax.models.llama import unstack_layers
+
+    cfg = mod_model.config.replace(mod=dataclasses.replace(mod_model.config.mod, shared_router=False))
+    router = mod_model.params["llm"]["mod_router"]["kernel"]
+    params = {**mod_model.params, "llm": {**mod_model.params["llm"], "mod_router": {"kernel": jnp.stack([router, -router])}}}
+    ids, px, mask, types = _batch(cfg)
+    unstacked = {**params, "llm": {**params["llm"], "layers": unstack_layers(params["llm"]["layers"])}}
+    assert len(unstacked["llm"]["layers"]) == cfg.text.num_layers
+    ref = gmod_jax.Model(cfg, params).forward(ids, px, mask, types, mode="train")
+    for model in (gmod_jax.Model(cfg, unstacked), gmod_jax.Model(cfg.replace(scan_layers=False), params)):
+        out = model.forward(ids, px, mask, types, mode="train")
+        np.testing.assert_allclose(out["logits"][mask], ref["logits"][mask], atol=2e-5, rtol=0)
+        np.testing.assert_array_equal(out["mod_kept"], ref["mod_kept"])
+        np.testing.assert_allclose(out["router_loss"], ref["router_loss"], rtol=1e-5)
+    assert 0 < ref["skip_ratio"] < 1
+
+
 def _masked_oracle(model, ids, px, mask, types):
     """Full-sequence recompute: every token runs every layer, MoD layers keep only the selected
     tokens' updates, attention restricted to selected tokens, compacted positions. Returns the

@@ -399,7 +399,7 @@ def run_decode(ctx: Context, case: Case) -> dict:
     x = ctx.device_batch(b)
     t = cfg.seq_len
     eos = np.full((getattr(gen, "MAX_EOS_IDS", 8),), -1, np.int32)  # no EOS: every row runs n tokens
-    runs, compile_s, prefill_compile_s, prefill_stats, specs, decode_stats = {}, {}, {}, {}, {}, {}
+    runs, compile_s, prefill_compile_s, prefill_stats, specs, decode_stats, layouts = {}, {}, {}, {}, {}, {}, {}
     for name, model in (("dense", ctx.dense), ("mod", ctx.mod)):
         spec = gen.CacheSpec(batch=b, prompt_len=t, new_slots=n,
                              mod_capacity=gen.mod_prefill_capacity(model.config, types, "inference"),
@@ -413,9 +413,11 @@ def run_decode(ctx: Context, case: Case) -> dict:
         dyn = jax.device_put((logits, np.full((b,), t, np.int32), np.int32(n), eos,
                               np.int32(model.config.pad_token_id or 0), jax.random.PRNGKey(0), np.float32(0.0),
                               np.float32(1.0), np.arange(b, dtype=np.int32)))
-        decode, compile_s[name] = aot_compile(gen.decode_jit, model.params, cache, *dyn, **static)
+        params = gen.decode_params(model, cfg.decode_layers)
+        layouts[name] = "unstacked" if isinstance(params["llm"]["layers"], tuple) else "stacked"
+        decode, compile_s[name] = aot_compile(gen.decode_jit, params, cache, *dyn, **static)
 
-        def run(decode=decode, cache=cache, params=model.params, dyn=dyn, name=name):
+        def run(decode=decode, cache=cache, params=params, dyn=dyn, name=name):
             fresh = jax.block_until_ready(jax.tree.map(jnp.copy, cache))
             t0 = time.perf_counter()
             out = jax.block_until_ready(decode(params, fresh, *dyn))
@@ -449,7 +451,7 @@ def run_decode(ctx: Context, case: Case) -> dict:
         "ms_per_step_dense": row["dense_ms"] / steps, "ms_per_step_mod": row["mod_ms"] / steps,
         "prefill_skip_ratio": prefill_skip, "mod_capacity": specs["mod"].mod_capacity,
         "compile_s_prefill_dense": prefill_compile_s["dense"], "compile_s_prefill_mod": prefill_compile_s["mod"],
-        "mod_layer_run_fraction": [float(v) for v in layer_runs],
+        "mod_layer_run_fraction": [float(v) for v in layer_runs], "decode_layers": layouts,
     })
     return _finish(row, ctx, dense_a.total, mod_a.total)
 
@@ -691,7 +693,8 @@ def run(config: BenchConfig, only: tuple[str, ...] = (), on_case: Callable[[list
         pass
     cfg_json = {**_jsonable(config), "seq_len": config.seq_len, "mod_layers_resolved": list(mod_cfg.mod_layers),
                 "routing_rule": _routing_rule(config, mod_cfg),
-                "decode_rule": f"a decode token skips a MoD layer iff keep-prob < {mod_cfg.mod.decode_threshold}",
+                "decode_rule": f"a decode token skips a MoD layer iff keep-prob < {mod_cfg.mod.decode_threshold}; "
+                               f"layer weights read as `decode_layers={config.decode_layers}`",
                 "num_params_dense": dense.num_params, "num_params_mod": mod.num_params, "init_s": init_s}
     return _jsonable({"machine": machine, "date": date, "config": cfg_json, "image_tokens": config.model.image_seq_length,
                       "peak_tflops": peak / 1e12 if peak else None, "paper_formula": paper, "torch": torch_info,

@@ -32,10 +32,11 @@ import numpy as np
 from gmod_jax import routing
 from gmod_jax import token_types as tt
 from gmod_jax.config import ModelConfig
-from gmod_jax.inference.kv_cache import KVCache, decode_layer, pad_slots
+from gmod_jax.inference.kv_cache import KVCache, decode_layer, pad_slots, split_layers, stack_layers
 from gmod_jax.layers.dtypes import DTYPES
-from gmod_jax.models.llama import (Collect, RoutingPlan, decoder_walk, group_routers, layer_group, layer_groups,
-                                   rope_builder, router_logits, routing_capacity)
+from gmod_jax.models.llama import (Collect, RoutingPlan, decoder_walk, group_layer_params, group_routers, layer_group,
+                                   layer_groups, rope_builder, router_logits, routing_capacity, scan_group,
+                                   unstack_layers)
 from gmod_jax.models.llava import LlavaModel
 
 MODES = ("inference", "dense")
@@ -198,16 +199,25 @@ def _decode_step(config: ModelConfig, spec: CacheSpec, params, cache: KVCache, t
     rows = jnp.arange(b)
     dense_kv, mod_out = [], []
     dense_i = mod_i = 0
+    unstacked = isinstance(layers, tuple)  # `unstack_layers`: unrolled, each layer its own buffers
     for start, stop, is_mod in layer_groups(config.text.num_layers, mods):
-        group, fetch = layer_group(layers, start, stop, by_index=True)
         n = stop - start
+        first = mod_i if is_mod else dense_i
+        cache_index = jnp.arange(first, first + n)  # this group's layers in the dense / MoD caches
+        routers = group_routers(config, router, start, stop) if is_mod else None
+        if unstacked:
+            fetch = lambda p: p  # noqa: E731
+            xs = [(p, first + j, r) for j, (p, r) in enumerate(group_layer_params(layers, start, stop, routers))]
+        else:
+            group, fetch = layer_group(layers, start, stop, by_index=True)
+            xs = (group, cache_index, routers)
         if not is_mod:
             def dense_step(h, xs, fetch=fetch):
-                i, l = xs
+                i, l, _ = xs
                 h, kv = decode_layer(config, fetch(i), h, cos, sin, dk[l], dv[l], cache.dense_valid)
                 return h, kv
 
-            x, kv = jax.lax.scan(dense_step, x, (group, jnp.arange(dense_i, dense_i + n)))
+            x, kv = scan_group(dense_step, x, xs)
             dense_kv.append(kv)
             dense_i += n
             continue
@@ -230,7 +240,7 @@ def _decode_step(config: ModelConfig, spec: CacheSpec, params, cache: KVCache, t
                 return jnp.where(keep[:, None, None], y, h), (k, v)
 
             def skip(h):
-                zeros = jnp.zeros((b, 1, config.text.num_kv_heads, config.text.head_dim), mk.dtype)
+                zeros = jnp.zeros((b, 1, config.text.num_kv_heads, config.text.head_dim), mk[l].dtype)
                 return h, (zeros, zeros)
 
             # A layer every row skips is skipped (at batch 1: the row's own decision); otherwise
@@ -240,8 +250,7 @@ def _decode_step(config: ModelConfig, spec: CacheSpec, params, cache: KVCache, t
             h, (k, v) = jax.lax.cond(jnp.any(keep), run, skip, h)
             return h, (k[:, 0], v[:, 0], keep)
 
-        x, out = jax.lax.scan(
-            mod_step, x, (group, jnp.arange(mod_i, mod_i + n), group_routers(config, router, start, stop)))
+        x, out = scan_group(mod_step, x, xs)
         mod_out.append(out)
         mod_i += n
 
@@ -249,16 +258,25 @@ def _decode_step(config: ModelConfig, spec: CacheSpec, params, cache: KVCache, t
     if dense_kv:
         ks, vs = (jnp.concatenate(a) for a in zip(*dense_kv))  # [L_dense, B, 1, KV, hd]
         # Every row writes the same absolute slot T + step.
-        dk = jax.lax.dynamic_update_slice(dk, _heads_major(ks).astype(dk.dtype), (0, 0, 0, slot, 0))
-        dv = jax.lax.dynamic_update_slice(dv, _heads_major(vs).astype(dv.dtype), (0, 0, 0, slot, 0))
+        ks, vs = _heads_major(ks), _heads_major(vs)  # [L_dense, B, KV, 1, hd]
+        if isinstance(dk, tuple):  # per-layer buffers (`split_layers`)
+            dk = tuple(jax.lax.dynamic_update_slice(c, ks[l].astype(c.dtype), (0, 0, slot, 0)) for l, c in enumerate(dk))
+            dv = tuple(jax.lax.dynamic_update_slice(c, vs[l].astype(c.dtype), (0, 0, slot, 0)) for l, c in enumerate(dv))
+        else:
+            dk = jax.lax.dynamic_update_slice(dk, ks.astype(dk.dtype), (0, 0, 0, slot, 0))
+            dv = jax.lax.dynamic_update_slice(dv, vs.astype(dv.dtype), (0, 0, 0, slot, 0))
     if mod_out:
         ks, vs, ran = (jnp.concatenate(a) for a in zip(*mod_out))  # [L_mod, B, KV, hd], ran [L_mod, B]
         # Each row appends at its own next slot of each layer. Writing there when the row skipped
         # is harmless: the slot stays invalid and the next token that runs the layer overwrites it.
         # (The advanced indices around the heads slice put their broadcast [L_mod, B] first.)
         layer_idx, slots = jnp.arange(ran.shape[0])[:, None], mlen
-        mk = mk.at[layer_idx, rows[None], :, slots].set(ks.astype(mk.dtype), unique_indices=True)
-        mv = mv.at[layer_idx, rows[None], :, slots].set(vs.astype(mv.dtype), unique_indices=True)
+        if isinstance(mk, tuple):  # per-layer buffers (`split_layers`)
+            mk = tuple(c.at[rows, :, slots[l]].set(ks[l].astype(c.dtype), unique_indices=True) for l, c in enumerate(mk))
+            mv = tuple(c.at[rows, :, slots[l]].set(vs[l].astype(c.dtype), unique_indices=True) for l, c in enumerate(mv))
+        else:
+            mk = mk.at[layer_idx, rows[None], :, slots].set(ks.astype(mk.dtype), unique_indices=True)
+            mv = mv.at[layer_idx, rows[None], :, slots].set(vs.astype(mv.dtype), unique_indices=True)
         mvalid = mvalid.at[layer_idx, rows[None], slots].set(ran, unique_indices=True)
         mlen, mpos = mlen + ran.astype(jnp.int32), mpos + ran.astype(jnp.int32)
     else:
@@ -309,6 +327,9 @@ def _decode(params, cache: KVCache, first_logits, prompt_lengths, max_new_tokens
     def is_eos(tok):
         return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
 
+    stacked_cache = cache
+    if isinstance(params["llm"]["layers"], tuple):  # unrolled layers: each reads its own cache buffer
+        cache = split_layers(cache)
     first = sample_tokens(first_logits, key, 0, temperature, top_p, row_ids)
     tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(first)
     n_mod = cache.mod_length.shape[0]
@@ -337,7 +358,50 @@ def _decode(params, cache: KVCache, first_logits, prompt_lengths, max_new_tokens
     # decode_layer_runs: decode steps in which each MoD layer was computed (some row kept it).
     stats = {"decode_kept": s["decode_kept"], "decode_tokens": s["decode_tokens"],
              "decode_layer_runs": s["decode_layer_runs"]}
-    return s["tokens"], s["lengths"], stats, s["cache"]
+    return s["tokens"], s["lengths"], stats, stack_layers(s["cache"], stacked_cache)
+
+
+DECODE_LAYERS = ("auto", "stacked", "unstacked")
+
+
+def _free_memory_bytes(device) -> int | None:
+    """Free memory where `device` keeps arrays: the accelerator's allocator limit minus its use,
+    the host's available memory for CPU devices; None when neither is known."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - unknown platform: no estimate
+        return None
+
+
+def decode_params(model, decode_layers: str = "auto"):
+    """The params the decode loop runs on: `model.params`, or a copy with the decoder layers
+    split per layer (`unstack_layers`) so the unrolled loop reads each layer's weights and cache
+    in place (3-4× fewer bytes moved per token on XLA CPU, docs/benchmarks.md).
+
+    decode_layers: "stacked", "unstacked" or "auto": unstacked when one more copy of the decoder
+    weights fits in half the free memory of the device holding them. The copy is built once and
+    kept on the model (while `model.params` is the same object)."""
+    if decode_layers not in DECODE_LAYERS:
+        raise ValueError(f"decode_layers must be one of {DECODE_LAYERS}, got {decode_layers!r}")
+    layers = model.params["llm"]["layers"]
+    if decode_layers == "stacked" or isinstance(layers, tuple):
+        return model.params
+    if decode_layers == "auto":
+        leaves = jax.tree.leaves(layers)
+        free = _free_memory_bytes(next(iter(leaves[0].devices())))
+        if free is None or 2 * sum(a.nbytes for a in leaves) > free:
+            return model.params
+    cached = getattr(model, "_unstacked_params", None)
+    if cached is not None and cached[0] is model.params:
+        return cached[1]
+    params = {**model.params, "llm": {**model.params["llm"], "layers": unstack_layers(layers)}}
+    object.__setattr__(model, "_unstacked_params", (model.params, params))
+    return params
 
 
 prefill_jit = jax.jit(_prefill, static_argnames=("config", "spec"))
@@ -470,7 +534,7 @@ def eos_id_array(eos_token_id) -> np.ndarray:
 def generate_ids(model, input_ids_list, pixel_values=None, *, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, eos_token_id=None, pad_token_id: int | None = None,
                  token_types_list=None, mode: str = "inference", prompt_buckets: Sequence[int] | None = None,
-                 new_token_buckets: Sequence[int] | None = None) -> GenerationOutput:
+                 new_token_buckets: Sequence[int] | None = None, decode_layers: str = "auto") -> GenerationOutput:
     """Generate from token ids with the KV-cache decoder.
 
     input_ids_list: one 1-D id array per prompt, image as `image_seq_length` copies of
@@ -479,6 +543,8 @@ def generate_ids(model, input_ids_list, pixel_values=None, *, max_new_tokens: in
     token_types_list: per-prompt token types (only the capacity routing rule reads them;
     inferred from the ids when absent). mode: "inference" (γ-MoD routing) or "dense" (every layer
     dense, the baseline the benchmarks compare against). Prompts are left-padded to a bucket.
+    decode_layers: how the decode loop reads the layer weights (`decode_params`); results are the
+    same either way.
     """
     config: ModelConfig = model.config
     if not input_ids_list:
@@ -522,8 +588,8 @@ def generate_ids(model, input_ids_list, pixel_values=None, *, max_new_tokens: in
     logits = jax.block_until_ready(logits)
     t1 = time.perf_counter()
     tokens, out_lengths, decode_stats, _ = decode_jit(
-        model.params, cache, logits, lengths, np.int32(max_new_tokens), eos_id_array(eos_token_id), np.int32(pad_id),
-        jax.random.PRNGKey(seed), np.float32(temperature), np.float32(top_p), np.arange(b, dtype=np.int32),
+        decode_params(model, decode_layers), cache, logits, lengths, np.int32(max_new_tokens),
+        eos_id_array(eos_token_id), np.int32(pad_id), jax.random.PRNGKey(seed), np.float32(temperature), np.float32(top_p), np.arange(b, dtype=np.int32),
         config=config, spec=spec)
     tokens, out_lengths, stats = jax.device_get((tokens, out_lengths, {**prefill_stats, **decode_stats}))
     t2 = time.perf_counter()

@@ -58,6 +58,25 @@ class KVCache(NamedTuple):
         return self.mod_k.shape[3]
 
 
+def split_layers(cache: KVCache) -> KVCache:
+    """The cache with its K/V stacks as tuples of per-layer arrays (the decode loop's form for
+    unstacked layer params): each layer's attention reads and appends to its own buffer. Read
+    out of the stack, every layer's cache was copied for its dots and the whole stack was copied
+    twice per step around the in-place write (XLA CPU)."""
+    def split(a):
+        return a if isinstance(a, tuple) else tuple(a[i] for i in range(a.shape[0]))
+    return cache._replace(dense_k=split(cache.dense_k), dense_v=split(cache.dense_v),
+                          mod_k=split(cache.mod_k), mod_v=split(cache.mod_v))
+
+
+def stack_layers(cache: KVCache, like: KVCache) -> KVCache:
+    """Inverse of `split_layers` (`like`: the stacked cache, for the shapes of empty stacks)."""
+    def stack(a, ref):
+        return a if not isinstance(a, tuple) else (jnp.stack(a) if a else ref)
+    return cache._replace(dense_k=stack(cache.dense_k, like.dense_k), dense_v=stack(cache.dense_v, like.dense_v),
+                          mod_k=stack(cache.mod_k, like.mod_k), mod_v=stack(cache.mod_v, like.mod_v))
+
+
 def pad_slots(x: jax.Array, axis: int, total: int, value=0) -> jax.Array:
     """Extend `axis` of x to `total` entries with `value` (room for decode appends)."""
     extra = total - x.shape[axis]

@@ -101,7 +101,12 @@ class LlamaDecoder(nn.Module):
             },
         }
 
-        self.layers = self.param("layers", _stacked_init(layers, pdt))
+        if self.has_variable("params", "layers") and isinstance(self.get_variable("params", "layers"), tuple):
+            # Inference params with the stack split per layer (`unstack_layers`); Flax's shape
+            # check only knows the stacked form.
+            self.layers = self.get_variable("params", "layers")
+        else:
+            self.layers = self.param("layers", _stacked_init(layers, pdt))
         self.final_norm = self.param("final_norm", lambda rng: {"scale": jnp.ones((D,), pdt)})
         if not t.tie_word_embeddings:
             self.lm_head = self.param("lm_head", lambda rng: {"kernel": normal(rng, (D, t.vocab_size), pdt)})
@@ -357,6 +362,28 @@ def rope_builder(config: ModelConfig, dense_positions):
     return lambda pos: rope_cos_sin(pos, inv, scale)
 
 
+def unstack_layers(layers) -> tuple:
+    """The stacked layer tree as a tuple of per-layer trees (separate buffers): the form
+    `decoder_walk` and the decode step unroll instead of scanning.
+
+    XLA CPU copies a layer's weights out of the stack before each matmul, whether the scan
+    slices the stack or indexes it (dots need their operands as separate buffers). When a token's
+    matmuls are small (batch-1 decode: a matrix-vector product per weight) that copy costs more
+    than the matmul: 12 stacked SwiGLU MLPs of d=1024 took 63-83 ms per token scanned and 20 ms
+    as separate arrays (docs/benchmarks.md). MaxText serves with unscanned layers for the same
+    reason. Costs one more copy of the decoder weights while both forms are kept.
+    """
+    if isinstance(layers, tuple):
+        return layers
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return tuple(jax.tree.map(lambda a: a[i], layers) for i in range(n))
+
+
+def group_layer_params(layers, start: int, stop: int, routers):
+    """Per-step inputs of an unrolled group over unstacked `layers`: [(layer params, router)]."""
+    return [(layers[i], None if routers is None else routers[i - start]) for i in range(start, stop)]
+
+
 def layer_group(layers, start: int, stop: int, by_index: bool):
     """(xs, fetch) to scan layers start..stop-1 of the stacked `layers`: `fetch(x)` turns one
     step's scan input into that layer's params.
@@ -411,21 +438,24 @@ def decoder_walk(config: ModelConfig, layers, router, x, attention_mask, token_t
     dense_mask = causal_mask(attention_mask)
     mod_layers = config.mod_layers if plan.mode != "dense" else ()
 
+    unstacked = isinstance(layers, tuple)  # see `unstack_layers`
     outputs = []  # (is_mod, stacked outputs of the group)
     for start, stop, is_mod in layer_groups(config.text.num_layers, mod_layers):
-        group_xs, fetch = layer_group(layers, start, stop, by_index=by_index)
-        if not is_mod:
-            def dense_step(h, xs, fetch=fetch):
-                return dense_layer(config, fetch(xs), h, cos, sin, dense_mask, collect)
-
-            x, ys = _scan(_remat(dense_step, remat), x, group_xs, scan)
+        routers = group_routers(config, router, start, stop) if is_mod else None
+        if unstacked:
+            group_xs, fetch = group_layer_params(layers, start, stop, routers), (lambda p: p)
         else:
-            def mod_step(h, xs, fetch=fetch):
-                p, r = xs
-                return mod_layer(config, fetch(p), router if r is None else r, h, positions, attention_mask,
-                                 token_types, plan, rope, collect)
+            group_xs, fetch = layer_group(layers, start, stop, by_index=by_index)
+            group_xs = (group_xs, routers)
 
-            x, ys = _scan(_remat(mod_step, remat), x, (group_xs, group_routers(config, router, start, stop)), scan)
+        def step(h, xs, fetch=fetch, is_mod=is_mod):
+            p, r = xs
+            if not is_mod:
+                return dense_layer(config, fetch(p), h, cos, sin, dense_mask, collect)
+            return mod_layer(config, fetch(p), router if r is None else r, h, positions, attention_mask,
+                             token_types, plan, rope, collect)
+
+        x, ys = scan_group(_remat(step, remat), x, group_xs, scan)
         outputs.append((is_mod, ys))
 
     def stack(parts):
@@ -459,13 +489,18 @@ def decoder_forward(config: ModelConfig, layers, router, embeds, attention_mask,
     return x, aux
 
 
-def _scan(step, carry, xs, use_scan: bool):
-    """lax.scan over the leading axis, or an unrolled Python loop (same results) for debugging."""
-    if use_scan:
+def scan_group(step, carry, xs, use_scan: bool = True):
+    """lax.scan over the leading axis of `xs`, or an unrolled Python loop (same results): always
+    for a list of per-step inputs (unstacked layers), else when `use_scan` is off (debugging).
+    Step outputs are stacked on a leading axis either way."""
+    if isinstance(xs, list):
+        steps = xs
+    elif use_scan:
         return jax.lax.scan(step, carry, xs)
-    n = jax.tree.leaves(xs)[0].shape[0]
+    else:
+        steps = [jax.tree.map(lambda a: a[i], xs) for i in range(jax.tree.leaves(xs)[0].shape[0])]
     outs = []
-    for i in range(n):
-        carry, y = step(carry, jax.tree.map(lambda a: a[i], xs))
+    for x in steps:
+        carry, y = step(carry, x)
         outs.append(y)
     return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs and outs[0] is not None else None
