@@ -15,7 +15,7 @@ import numpy as np
 
 from gmod_jax import token_types as tt
 from gmod_jax.config import ModelConfig
-from gmod_jax.models.llama import RoutingPlan, routing_capacity
+from gmod_jax.models.llama import RoutingPlan, routing_capacity, unstack_layers
 from gmod_jax.models.llava import LlavaModel
 
 
@@ -28,6 +28,23 @@ def _jitted_apply(config: ModelConfig, plan: RoutingPlan, with_pixels: bool):
                             attention_mask, token_types, plan)
 
     return jax.jit(fn)
+
+
+INFERENCE_LAYERS = ("auto", "stacked", "unstacked")
+
+
+def _free_memory_bytes(device) -> int | None:
+    """Free memory where `device` keeps arrays: the accelerator's allocator limit minus its use,
+    the host's available memory for CPU devices; None when neither is known."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - unknown platform: no estimate
+        return None
 
 
 @dataclasses.dataclass
@@ -57,9 +74,10 @@ class Model:
         return ids, pixel_values, mask, types
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, token_types=None,
-                mode: str = "inference", capacity: int | None = None) -> dict:
+                mode: str = "inference", capacity: int | None = None, inference_layers: str = "auto") -> dict:
         """Full forward. mode: "train" (top-k + masked routing, router loss), "inference"
         (official threshold rule or capacity, per config), "dense" (MoD layers run dense).
+        inference_layers: the weights' form outside "train" (`inference_params`).
         Returns numpy arrays: logits float32 [B,T,V], router_loss, and for γ-MoD
         `skip_ratio_per_layer` [n_mod] and `skip_ratio` (over MoD layers)."""
         ids, px, mask, types = self._inputs(input_ids, pixel_values, attention_mask, token_types)
@@ -67,12 +85,39 @@ class Model:
             capacity = routing_capacity(self.config, types, mode)
         plan = RoutingPlan(mode=mode, capacity=capacity)
         fn = _jitted_apply(self.config, plan, px is not None)
-        out = jax.device_get(fn(self.params, ids, px, mask, types))
+        params = self.params if mode == "train" else self.inference_params(inference_layers)
+        out = jax.device_get(fn(params, ids, px, mask, types))
         if "mod_kept" in out:
             kept, tokens = out["mod_kept"].astype(np.float64), np.maximum(out["mod_tokens"], 1)
             out["skip_ratio_per_layer"] = 1.0 - kept / tokens
             out["skip_ratio"] = float(1.0 - kept.sum() / tokens.sum())
         return out
+
+    def inference_params(self, layers: str = "auto"):
+        """The params inference runs on: `self.params`, or a copy with the decoder layers split
+        into per-layer buffers (`unstack_layers`), which the layer walk and the decode loop unroll.
+        XLA CPU copies each layer's weights out of the stack before its matmuls (and the decode
+        loop's stacked caches around every step): decode moved 3-4× the bytes it needs, prefill
+        paid ~4% (docs/benchmarks.md). Training keeps the stack (one compiled layer per group).
+
+        layers: "stacked", "unstacked" or "auto": unstacked when one more copy of the decoder
+        weights fits in half the free memory of the device holding them. The copy is built once
+        and kept while `self.params` is the same object."""
+        if layers not in INFERENCE_LAYERS:
+            raise ValueError(f"inference layers must be one of {INFERENCE_LAYERS}, got {layers!r}")
+        stack = self.params["llm"]["layers"]
+        if layers == "stacked" or isinstance(stack, tuple):
+            return self.params
+        if layers == "auto":
+            leaves = jax.tree.leaves(stack)
+            free = _free_memory_bytes(next(iter(leaves[0].devices())))
+            if free is None or 2 * sum(a.nbytes for a in leaves) > free:
+                return self.params
+        cached = self.__dict__.get("_unstacked")
+        if cached is None or cached[0] is not self.params:
+            params = {**self.params, "llm": {**self.params["llm"], "layers": unstack_layers(stack)}}
+            cached = self.__dict__["_unstacked"] = (self.params, params)
+        return cached[1]
 
     def logits(self, input_ids, pixel_values=None, attention_mask=None, token_types=None) -> np.ndarray:
         """float32 logits [B, T, V] in inference mode (dense models: the plain forward)."""

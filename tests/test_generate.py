@@ -11,8 +11,7 @@ import pytest
 
 from gmod_jax import config as C
 from gmod_jax.api import Model
-from gmod_jax.inference.generate import (bucket_length, decode_jit, decode_params, generate_ids, prefill_jit,
-                                         sample_tokens)
+from gmod_jax.inference.generate import bucket_length, decode_jit, generate_ids, prefill_jit, sample_tokens
 from tests.support.reference import reference_generate
 from gmod_jax.models.llava import LlavaModel
 
@@ -75,15 +74,15 @@ def _assert_same(out, ref):
     np.testing.assert_array_equal(out.stats["decode_kept"], ref.decode_kept)
 
 
-# Both forms of the layer params the decode loop runs on (`decode_params`): the stack read by
-# index inside a scan, and per-layer buffers unrolled with per-layer caches.
-DECODE_LAYERS = pytest.mark.parametrize("decode_layers", ["stacked", "unstacked"])
+# Both forms of the layer params inference runs on (`Model.inference_params`): the stack read by
+# index inside scans, and per-layer buffers unrolled (the decode loop with per-layer caches).
+INFERENCE_LAYERS = pytest.mark.parametrize("layers", ["stacked", "unstacked"])
 
 
-@DECODE_LAYERS
-def test_mod_cache_equals_recompute_batched(mod_model, batch, decode_layers):
+@INFERENCE_LAYERS
+def test_mod_cache_equals_recompute_batched(mod_model, batch, layers):
     prompts, pixels = batch
-    out = generate_ids(mod_model, prompts, pixels, max_new_tokens=MAX_NEW, decode_layers=decode_layers)
+    out = generate_ids(mod_model, prompts, pixels, max_new_tokens=MAX_NEW, inference_layers=layers)
     ref = reference_generate(mod_model, prompts, pixels, max_new_tokens=MAX_NEW)
     _assert_same(out, ref)
     # The comparison only means something if both thresholds really routed.
@@ -94,14 +93,14 @@ def test_mod_cache_equals_recompute_batched(mod_model, batch, decode_layers):
     assert 0.0 < out.prefill_skip_ratio < 1.0 and 0.0 < out.decode_skip_ratio < 1.0
 
 
-@DECODE_LAYERS
-def test_mod_cache_equals_recompute_batch_one(mod_model, batch, decode_layers):
+@INFERENCE_LAYERS
+def test_mod_cache_equals_recompute_batch_one(mod_model, batch, layers):
     """Batch 1 takes the lax.cond path that really skips a layer; rows are batch-independent."""
     prompts, pixels = batch
-    both = generate_ids(mod_model, prompts, pixels, max_new_tokens=MAX_NEW, decode_layers=decode_layers)
+    both = generate_ids(mod_model, prompts, pixels, max_new_tokens=MAX_NEW, inference_layers=layers)
     for row in (0, 1):
         out = generate_ids(mod_model, prompts[row:row + 1], pixels[row:row + 1], max_new_tokens=MAX_NEW,
-                           decode_layers=decode_layers)
+                           inference_layers=layers)
         ref = reference_generate(mod_model, prompts[row:row + 1], pixels[row:row + 1], max_new_tokens=MAX_NEW)
         _assert_same(out, ref)
         assert out.tokens[0].tolist() == both.tokens[row].tolist()
@@ -126,8 +125,8 @@ def test_sampling_equals_recompute(mod_model, batch):
     assert [t.tolist() for t in out.tokens] != [t.tolist() for t in greedy.tokens]
 
 
-@DECODE_LAYERS
-def test_capacity_rule_gqa_per_layer_routers_text_row(mod_model, decode_layers):
+@INFERENCE_LAYERS
+def test_capacity_rule_gqa_per_layer_routers_text_row(mod_model, layers):
     """Capacity inference rule (padding forced into kept slots), unshared routers, GQA, and a
     text-only row next to image rows."""
     base = C.tiny()
@@ -145,7 +144,7 @@ def test_capacity_rule_gqa_per_layer_routers_text_row(mod_model, decode_layers):
     prompts, pixels = _prompts(cfg, (2, 6, 4), seed=1)
     prompts[2] = prompts[2][prompts[2] != cfg.image_token_index]
     images = [pixels[0], pixels[1], None]
-    out = generate_ids(model, prompts, images, max_new_tokens=MAX_NEW, decode_layers=decode_layers)
+    out = generate_ids(model, prompts, images, max_new_tokens=MAX_NEW, inference_layers=layers)
     ref = reference_generate(model, prompts, images, max_new_tokens=MAX_NEW)
     _assert_same(out, ref)
     # The training rule skips floor(0.5 * routable prefix) of each image row, nothing of text rows.
@@ -215,8 +214,8 @@ def test_input_validation(mod_model, batch):
         generate_ids(mod_model, prompts, pixels, max_new_tokens=0)
 
 
-@DECODE_LAYERS
-def test_layer_every_row_skips_is_not_computed(decode_layers):
+@pytest.mark.parametrize("form", ["stacked", "unstacked"])
+def test_layer_every_row_skips_is_not_computed(form):
     """At batch > 1 a MoD layer that every row skips takes the skip branch. With a decode
     threshold no keep-prob reaches, every decode token skips every MoD layer; the MoD layers'
     weights are then poisoned (NaN) for the decode only. Had a layer been computed, its NaN key
@@ -238,11 +237,11 @@ def test_layer_every_row_skips_is_not_computed(decode_layers):
     logits, cache, _ = prefill_jit(mod.params, x["ids"], x["px"], x["mask"], x["types"], config=cfg, spec=spec)
     dyn = (logits, np.full((b,), t, np.int32), np.int32(n), np.full((8,), -1, np.int32), np.int32(0),
            jax.random.PRNGKey(0), np.float32(0.0), np.float32(1.0), np.arange(b, dtype=np.int32))
-    layers = mod.params["llm"]["layers"]
-    poisoned_k = layers["attn"]["k"]["kernel"].at[jnp.asarray(cfg.mod_layers)].set(jnp.nan)
+    stack = mod.params["llm"]["layers"]
+    poisoned_k = stack["attn"]["k"]["kernel"].at[jnp.asarray(cfg.mod_layers)].set(jnp.nan)
     poisoned = {**mod.params, "llm": {**mod.params["llm"], "layers": {
-        **layers, "attn": {**layers["attn"], "k": {**layers["attn"]["k"], "kernel": poisoned_k}}}}}
-    clean, poisoned = (decode_params(Model(config=cfg, params=p), decode_layers) for p in (mod.params, poisoned))
+        **stack, "attn": {**stack["attn"], "k": {**stack["attn"]["k"], "kernel": poisoned_k}}}}}
+    clean, poisoned = (Model(config=cfg, params=p).inference_params(form) for p in (mod.params, poisoned))
     clean_tokens, _, _, _ = decode_jit(clean, jax.tree.map(jnp.copy, cache), *dyn, config=cfg, spec=spec)
     tokens, _, stats, out_cache = decode_jit(poisoned, cache, *dyn, config=cfg, spec=spec)
     np.testing.assert_array_equal(np.asarray(tokens), np.asarray(clean_tokens))
@@ -252,17 +251,17 @@ def test_layer_every_row_skips_is_not_computed(decode_layers):
     assert np.all(written == 0.0), "a MoD layer every row skipped was computed"
 
 
-def test_decode_params_forms(dense_model):
-    """`decode_params`: "stacked" is the model's own tree; "unstacked" splits every layer leaf
-    (equal values, built once per params object); a bad choice names the options."""
+def test_inference_params_forms(dense_model):
+    """`Model.inference_params`: "stacked" is the model's own tree; "unstacked" splits every layer
+    leaf (equal values, built once per params object); a bad choice names the options."""
     stacked = dense_model.params["llm"]["layers"]
-    assert decode_params(dense_model, "stacked") is dense_model.params
-    un = decode_params(dense_model, "unstacked")
-    assert decode_params(dense_model, "unstacked") is un
+    assert dense_model.inference_params("stacked") is dense_model.params
+    un = dense_model.inference_params("unstacked")
+    assert dense_model.inference_params("unstacked") is un
     layers = un["llm"]["layers"]
     assert isinstance(layers, tuple) and len(layers) == dense_model.config.text.num_layers
     for i, layer in enumerate(layers):
         jax.tree.map(lambda a, s, i=i: np.testing.assert_array_equal(a, s[i]), layer, stacked)
-    assert decode_params(dense_model, "auto")["llm"]["layers"] is layers  # tiny: the copy fits
-    with pytest.raises(ValueError, match="decode_layers must be one of"):
-        decode_params(dense_model, "scan")
+    assert dense_model.inference_params("auto")["llm"]["layers"] is layers  # tiny: the copy fits
+    with pytest.raises(ValueError, match="inference layers must be one of"):
+        dense_model.inference_params("scan")

@@ -81,9 +81,10 @@ class BenchConfig:
     threshold_buckets: int = 8
     router_fit_steps: int = 40
     router_fit_lr: float = 1.0
-    # How decode rows read the layer weights (`gmod_jax.inference.generate.decode_params`): "auto"
-    # (per-layer buffers when the copy fits, what `generate` uses), "stacked" or "unstacked".
-    decode_layers: str = "auto"
+    # The layer weights' form in the prefill and decode programs (`Model.inference_params`):
+    # "auto" (per-layer buffers when the copy fits: what `generate` and `Model.forward` run),
+    # "stacked" or "unstacked". Training steps always run the stack.
+    inference_layers: str = "auto"
     torch_baseline: bool = True  # HF LlavaForConditionalGeneration on the dense weights (prefill)
     torch_attention: str = "sdpa"  # "sdpa" | "eager"
     threads: int | None = None  # torch intra-op threads; None = the cores this process may use
@@ -99,8 +100,8 @@ class BenchConfig:
             raise ValueError(f"attention_flops must be one of {F.ATTENTION_MODES}")
         if self.router_fit_steps < 0 or self.router_fit_lr <= 0:
             raise ValueError("router_fit_steps must be >= 0 and router_fit_lr > 0")
-        if self.decode_layers not in ("auto", "stacked", "unstacked"):
-            raise ValueError("decode_layers must be 'auto', 'stacked' or 'unstacked'")
+        if self.inference_layers not in ("auto", "stacked", "unstacked"):
+            raise ValueError("inference_layers must be 'auto', 'stacked' or 'unstacked'")
         if self.warmup < 0 or self.repeats < 1:
             raise ValueError("warmup must be >= 0 and repeats >= 1")
         for c in self.cases:

@@ -270,15 +270,16 @@ def run_prefill(ctx: Context, case: Case, official: bool = False) -> dict:
     dense_plan = RoutingPlan(mode="inference")
     mod_plan = RoutingPlan(mode="inference", capacity=routing_capacity(mod_cfg, types, "inference"))
 
-    dense_fn, c_dense = aot_compile(prefill_program(dense_cfg, dense_plan), ctx.dense.params, *args)
-    mod_fn, c_mod = aot_compile(prefill_program(mod_cfg, mod_plan), mod.params, *args)
-    dense_logits, _ = jax.device_get(dense_fn(ctx.dense.params, *args))
-    _, aux = jax.device_get(mod_fn(mod.params, *args))
+    dense_params, mod_params = (m.inference_params(cfg.inference_layers) for m in (ctx.dense, mod))
+    dense_fn, c_dense = aot_compile(prefill_program(dense_cfg, dense_plan), dense_params, *args)
+    mod_fn, c_mod = aot_compile(prefill_program(mod_cfg, mod_plan), mod_params, *args)
+    dense_logits, _ = jax.device_get(dense_fn(dense_params, *args))
+    _, aux = jax.device_get(mod_fn(mod_params, *args))
     ctx.dense_last_logits[b] = np.asarray(dense_logits[:, -1], np.float32)
     skip, skip_layers, kept = _skip_stats(aux["mod_kept"], aux["mod_tokens"], b)
 
-    stats = interleaved({"dense": timed_call(dense_fn, ctx.dense.params, *args),
-                         "mod": timed_call(mod_fn, mod.params, *args)},
+    stats = interleaved({"dense": timed_call(dense_fn, dense_params, *args),
+                         "mod": timed_call(mod_fn, mod_params, *args)},
                         cfg.warmup, case.repeats or cfg.repeats)
     t = cfg.seq_len
     dense_a = F.prefill_flops(dense_cfg, b, t, attention=cfg.attention_flops)
@@ -294,6 +295,7 @@ def run_prefill(ctx: Context, case: Case, official: bool = False) -> dict:
     mod_exec = F.prefill_flops(mod_cfg, b, t, executed, attention=cfg.attention_flops)
     row = _base_row(case, t, stats, c_dense, c_mod, skip, skip_layers, dense_a, mod_a, mod_exec)
     row["mod_capacity"] = cap
+    row["inference_layers"] = {"dense": _layout(dense_params), "mod": _layout(mod_params)}
     row["routing_rule"] = "threshold" if official else mod_cfg.mod.inference_routing
     if official:
         row["name"], row["official_rule"] = f"prefill_official_b{b}", True
@@ -307,6 +309,10 @@ def run_prefill(ctx: Context, case: Case, official: bool = False) -> dict:
         if not buckets:
             row["mod_flops_xla"] = count_xla(lambda: prefill_program(mod_cfg, mod_plan), mod.params, *args)
     return _finish(row, ctx, dense_a.total, mod_a.total)
+
+
+def _layout(params) -> str:
+    return "unstacked" if isinstance(params["llm"]["layers"], tuple) else "stacked"
 
 
 def _base_row(case, t, stats, c_dense, c_mod, skip, skip_layers, dense_a, mod_a, mod_exec) -> dict:
@@ -406,15 +412,15 @@ def run_decode(ctx: Context, case: Case) -> dict:
                              mode="inference")
         specs[name] = spec
         static = {"config": model.config, "spec": spec}
-        prefill, prefill_compile_s[name] = aot_compile(gen.prefill_jit, model.params, x["ids"], x["px"], x["mask"],
+        params = model.inference_params(cfg.inference_layers)
+        layouts[name] = _layout(params)
+        prefill, prefill_compile_s[name] = aot_compile(gen.prefill_jit, params, x["ids"], x["px"], x["mask"],
                                                        x["types"], **static)
-        logits, cache, pstats = prefill(model.params, x["ids"], x["px"], x["mask"], x["types"])
+        logits, cache, pstats = prefill(params, x["ids"], x["px"], x["mask"], x["types"])
         prefill_stats[name] = jax.device_get(pstats)
         dyn = jax.device_put((logits, np.full((b,), t, np.int32), np.int32(n), eos,
                               np.int32(model.config.pad_token_id or 0), jax.random.PRNGKey(0), np.float32(0.0),
                               np.float32(1.0), np.arange(b, dtype=np.int32)))
-        params = gen.decode_params(model, cfg.decode_layers)
-        layouts[name] = "unstacked" if isinstance(params["llm"]["layers"], tuple) else "stacked"
         decode, compile_s[name] = aot_compile(gen.decode_jit, params, cache, *dyn, **static)
 
         def run(decode=decode, cache=cache, params=params, dyn=dyn, name=name):
@@ -451,7 +457,7 @@ def run_decode(ctx: Context, case: Case) -> dict:
         "ms_per_step_dense": row["dense_ms"] / steps, "ms_per_step_mod": row["mod_ms"] / steps,
         "prefill_skip_ratio": prefill_skip, "mod_capacity": specs["mod"].mod_capacity,
         "compile_s_prefill_dense": prefill_compile_s["dense"], "compile_s_prefill_mod": prefill_compile_s["mod"],
-        "mod_layer_run_fraction": [float(v) for v in layer_runs], "decode_layers": layouts,
+        "mod_layer_run_fraction": [float(v) for v in layer_runs], "inference_layers": layouts,
     })
     return _finish(row, ctx, dense_a.total, mod_a.total)
 
@@ -694,7 +700,7 @@ def run(config: BenchConfig, only: tuple[str, ...] = (), on_case: Callable[[list
     cfg_json = {**_jsonable(config), "seq_len": config.seq_len, "mod_layers_resolved": list(mod_cfg.mod_layers),
                 "routing_rule": _routing_rule(config, mod_cfg),
                 "decode_rule": f"a decode token skips a MoD layer iff keep-prob < {mod_cfg.mod.decode_threshold}; "
-                               f"layer weights read as `decode_layers={config.decode_layers}`",
+                               f"layer weights `inference_layers={config.inference_layers}`",
                 "num_params_dense": dense.num_params, "num_params_mod": mod.num_params, "init_s": init_s}
     return _jsonable({"machine": machine, "date": date, "config": cfg_json, "image_tokens": config.model.image_seq_length,
                       "peak_tflops": peak / 1e12 if peak else None, "paper_formula": paper, "torch": torch_info,

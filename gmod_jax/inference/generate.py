@@ -35,8 +35,7 @@ from gmod_jax.config import ModelConfig
 from gmod_jax.inference.kv_cache import KVCache, decode_layer, pad_slots, split_layers, stack_layers
 from gmod_jax.layers.dtypes import DTYPES
 from gmod_jax.models.llama import (Collect, RoutingPlan, decoder_walk, group_layer_params, group_routers, layer_group,
-                                   layer_groups, rope_builder, router_logits, routing_capacity, scan_group,
-                                   unstack_layers)
+                                   layer_groups, rope_builder, router_logits, routing_capacity, scan_group)
 from gmod_jax.models.llava import LlavaModel
 
 MODES = ("inference", "dense")
@@ -361,49 +360,6 @@ def _decode(params, cache: KVCache, first_logits, prompt_lengths, max_new_tokens
     return s["tokens"], s["lengths"], stats, stack_layers(s["cache"], stacked_cache)
 
 
-DECODE_LAYERS = ("auto", "stacked", "unstacked")
-
-
-def _free_memory_bytes(device) -> int | None:
-    """Free memory where `device` keeps arrays: the accelerator's allocator limit minus its use,
-    the host's available memory for CPU devices; None when neither is known."""
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except Exception:  # noqa: BLE001 - unknown platform: no estimate
-        return None
-
-
-def decode_params(model, decode_layers: str = "auto"):
-    """The params the decode loop runs on: `model.params`, or a copy with the decoder layers
-    split per layer (`unstack_layers`) so the unrolled loop reads each layer's weights and cache
-    in place (3-4× fewer bytes moved per token on XLA CPU, docs/benchmarks.md).
-
-    decode_layers: "stacked", "unstacked" or "auto": unstacked when one more copy of the decoder
-    weights fits in half the free memory of the device holding them. The copy is built once and
-    kept on the model (while `model.params` is the same object)."""
-    if decode_layers not in DECODE_LAYERS:
-        raise ValueError(f"decode_layers must be one of {DECODE_LAYERS}, got {decode_layers!r}")
-    layers = model.params["llm"]["layers"]
-    if decode_layers == "stacked" or isinstance(layers, tuple):
-        return model.params
-    if decode_layers == "auto":
-        leaves = jax.tree.leaves(layers)
-        free = _free_memory_bytes(next(iter(leaves[0].devices())))
-        if free is None or 2 * sum(a.nbytes for a in leaves) > free:
-            return model.params
-    cached = getattr(model, "_unstacked_params", None)
-    if cached is not None and cached[0] is model.params:
-        return cached[1]
-    params = {**model.params, "llm": {**model.params["llm"], "layers": unstack_layers(layers)}}
-    object.__setattr__(model, "_unstacked_params", (model.params, params))
-    return params
-
-
 prefill_jit = jax.jit(_prefill, static_argnames=("config", "spec"))
 decode_jit = jax.jit(_decode, static_argnames=("config", "spec"), donate_argnames=("cache",))
 
@@ -534,7 +490,7 @@ def eos_id_array(eos_token_id) -> np.ndarray:
 def generate_ids(model, input_ids_list, pixel_values=None, *, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, eos_token_id=None, pad_token_id: int | None = None,
                  token_types_list=None, mode: str = "inference", prompt_buckets: Sequence[int] | None = None,
-                 new_token_buckets: Sequence[int] | None = None, decode_layers: str = "auto") -> GenerationOutput:
+                 new_token_buckets: Sequence[int] | None = None, inference_layers: str = "auto") -> GenerationOutput:
     """Generate from token ids with the KV-cache decoder.
 
     input_ids_list: one 1-D id array per prompt, image as `image_seq_length` copies of
@@ -543,8 +499,8 @@ def generate_ids(model, input_ids_list, pixel_values=None, *, max_new_tokens: in
     token_types_list: per-prompt token types (only the capacity routing rule reads them;
     inferred from the ids when absent). mode: "inference" (γ-MoD routing) or "dense" (every layer
     dense, the baseline the benchmarks compare against). Prompts are left-padded to a bucket.
-    decode_layers: how the decode loop reads the layer weights (`decode_params`); results are the
-    same either way.
+    inference_layers: the layer weights' form for prefill and decode (`Model.inference_params`);
+    results are the same either way (float rounding).
     """
     config: ModelConfig = model.config
     if not input_ids_list:
@@ -583,12 +539,13 @@ def generate_ids(model, input_ids_list, pixel_values=None, *, max_new_tokens: in
     spec = CacheSpec(batch=b, prompt_len=t, new_slots=n_new,
                      mod_capacity=mod_prefill_capacity(config, types, mode), mode=mode)
 
+    params = model.inference_params(inference_layers)
     t0 = time.perf_counter()
-    logits, cache, prefill_stats = prefill_jit(model.params, ids, images, mask, types, config=config, spec=spec)
+    logits, cache, prefill_stats = prefill_jit(params, ids, images, mask, types, config=config, spec=spec)
     logits = jax.block_until_ready(logits)
     t1 = time.perf_counter()
     tokens, out_lengths, decode_stats, _ = decode_jit(
-        decode_params(model, decode_layers), cache, logits, lengths, np.int32(max_new_tokens),
+        params, cache, logits, lengths, np.int32(max_new_tokens),
         eos_id_array(eos_token_id), np.int32(pad_id), jax.random.PRNGKey(seed), np.float32(temperature), np.float32(top_p), np.arange(b, dtype=np.int32),
         config=config, spec=spec)
     tokens, out_lengths, stats = jax.device_get((tokens, out_lengths, {**prefill_stats, **decode_stats}))
