@@ -145,6 +145,26 @@ def test_safetensors_writer_is_readable_by_safetensors(tmp_path):
         np.testing.assert_array_equal(value, tensors[key])
 
 
+def test_mapped_tensors_stay_valid_after_their_pages_are_released(tmp_path):
+    """safetensors tensors are views of a mapping whose pages are released a window behind the
+    reader (`_MAPPED_WINDOW`); views kept longer (a slow copy thread) still read the file's
+    bytes, they are read-only, and they outlive the generator and the file's mapping handle."""
+    from convert import readers
+
+    rng = np.random.default_rng(1)
+    tensors = {f"t{i:02d}": rng.standard_normal((rng.integers(1, 3000),)).astype(np.float32)
+               for i in range(3 * readers._MAPPED_WINDOW)}
+    tensors["empty"] = np.zeros((0, 4), np.float32)
+    write_safetensors(tmp_path / "model.safetensors", tensors, {"format": "pt"})
+    got = dict(CheckpointReader(tmp_path).iter_tensors())  # every view kept past its release
+    assert got.keys() == tensors.keys()
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(got[key], value)
+    assert not got["t00"].flags.writeable
+    with pytest.raises(ValueError):
+        got["t00"][0] = 1.0
+
+
 @pytest.mark.parametrize("case", ["linear", "heads_in", "heads_out", "conv", "conv1x1", "odd"])
 def test_transposed_copies_equal_numpy(case):
     """The converter's staged transpose (padded tile buffer) and its detection of transposes
