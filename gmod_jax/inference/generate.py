@@ -545,8 +545,8 @@ def generate_ids(model, input_ids_list, pixel_values=None, *, max_new_tokens: in
     logits = jax.block_until_ready(logits)
     t1 = time.perf_counter()
     tokens, out_lengths, decode_stats, _ = decode_jit(
-        params, cache, logits, lengths, np.int32(max_new_tokens),
-        eos_id_array(eos_token_id), np.int32(pad_id), jax.random.PRNGKey(seed), np.float32(temperature), np.float32(top_p), np.arange(b, dtype=np.int32),
+        params, cache, logits, lengths, np.int32(max_new_tokens), eos_id_array(eos_token_id), np.int32(pad_id),
+        jax.random.PRNGKey(seed), np.float32(temperature), np.float32(top_p), np.arange(b, dtype=np.int32),
         config=config, spec=spec)
     tokens, out_lengths, stats = jax.device_get((tokens, out_lengths, {**prefill_stats, **decode_stats}))
     t2 = time.perf_counter()

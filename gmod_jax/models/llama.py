@@ -392,7 +392,8 @@ def layer_group(layers, start: int, stop: int, by_index: bool):
     copied all weights at every call (for a many-group γ-MoD model, the whole stack per forward
     and per decode step), while the dense model's one full-range group copied nothing. With
     `by_index` the scan runs over layer indices and each step reads its layer from the full
-    stack, a per-step slice XLA does not materialise. Differentiated code keeps the slice
+    stack: no group copy, though XLA CPU still copies each step's layer for its dots (what
+    `unstack_layers` removes for inference). Differentiated code keeps the slice
     (by_index=False): reading a closed-over stack by index makes the backward pass add a
     full-size, zero-padded gradient of the whole stack at every layer.
     """
