@@ -14,6 +14,7 @@ import json
 import sys
 
 from convert.errors import ConversionError
+from convert.host import keep_jax_on_host
 from convert.keymap import DTYPE_POLICIES
 from convert.pipeline import DEFAULT_BATCH_BYTES, convert_checkpoint
 
@@ -60,4 +61,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    keep_jax_on_host()
     sys.exit(main())
