@@ -24,7 +24,7 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 venv: $(VENV)/.dev
 
 demo: $(VENV)/.runtime
-	$(PY) -m gmod_jax.demo --workdir runs/demo
+	$(PY) -m demo --workdir runs/demo
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q -n 2 --durations=15 tests
@@ -33,7 +33,7 @@ test-fast: $(VENV)/.dev
 	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
 bench: $(VENV)/.dev
-	$(PY) -m gmod_jax.bench --config configs/bench_cpu.py --json runs/bench_cpu.json --markdown BENCHMARKS.md
+	$(PY) -m bench --config configs/bench_cpu.py --json runs/bench_cpu.json --markdown BENCHMARKS.md
 
 clean:
 	rm -rf runs .pytest_cache

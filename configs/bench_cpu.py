@@ -1,4 +1,4 @@
-"""CPU benchmark: `python -m gmod_jax.bench --config configs/bench_cpu.py --json runs/bench_cpu.json
+"""CPU benchmark: `python -m bench --config configs/bench_cpu.py --json runs/bench_cpu.json
 --markdown BENCHMARKS.md` (section `cpu`).
 
 Sized so matrix multiplies dominate on a 2-core CPU while the whole run (compiles, XLA counts,
@@ -24,7 +24,7 @@ PyTorch baseline) stays within minutes:
 """
 
 from gmod_jax import config as C
-from gmod_jax.bench import BenchConfig, Case
+from bench import BenchConfig, Case
 
 
 def get_config() -> BenchConfig:

@@ -1,4 +1,4 @@
-"""CPU benchmark with LLaVA-HR's token layout: `python -m gmod_jax.bench --config
+"""CPU benchmark with LLaVA-HR's token layout: `python -m bench --config
 configs/bench_cpu_hr.py --json runs/bench_cpu_hr.json --markdown BENCHMARKS.md` (section `cpu_hr`).
 
 The layout of γ-MoD's main model at reduced widths, sized like `configs/bench_cpu.py` so matrix
@@ -22,7 +22,7 @@ multiplies dominate on a 2-core CPU:
 """
 
 from gmod_jax import config as C
-from gmod_jax.bench import BenchConfig, Case
+from bench import BenchConfig, Case
 
 
 def get_config() -> BenchConfig:

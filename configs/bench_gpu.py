@@ -13,7 +13,7 @@ adds prefill sections for the other implementations (`--set model.attention_impl
 """
 
 from gmod_jax import config as C
-from gmod_jax.bench import BenchConfig, Case
+from bench import BenchConfig, Case
 
 
 def get_config() -> BenchConfig:

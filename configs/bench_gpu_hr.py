@@ -12,7 +12,7 @@ baseline (as `configs/bench_gpu.py`, whose notes on attention apply).
 """
 
 from gmod_jax import config as C
-from gmod_jax.bench import BenchConfig, Case
+from bench import BenchConfig, Case
 
 
 def get_config() -> BenchConfig:

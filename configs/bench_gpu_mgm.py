@@ -13,7 +13,7 @@ counts, no PyTorch baseline.
 """
 
 from gmod_jax import config as C
-from gmod_jax.bench import BenchConfig, Case
+from bench import BenchConfig, Case
 
 
 def get_config() -> BenchConfig:

@@ -1,6 +1,6 @@
 """`make demo`: the γ-MoD pipeline on the embedded synthetic task, sized for a 2-core CPU.
 
-    python -m gmod_jax.demo --workdir runs/demo [--set key=value ...]
+    python -m demo --workdir runs/demo [--set key=value ...]
 
 Why these sizes and choices:
 - Scenes: 56x56 px on a 4x4 grid of 14 px cells, 1-4 shapes, small or large. Patches of 14 px
@@ -11,7 +11,7 @@ Why these sizes and choices:
   is then predicted right after the words it depends on, a look-up the model learns, where a bare
   "yes" needs the question compared with the image across the prompt (dense 67% -> 83%).
 - The vision tower is pretrained on its own first (`vision_pretrain`, standing in for CLIP; see
-  gmod_jax/demo/vision.py) and stays frozen afterwards, as LLaVA keeps CLIP frozen. Trained
+  demo/vision.py) and stays frozen afterwards, as LLaVA keeps CLIP frozen. Trained
   through the LLM instead, its features collapsed to one vector for every patch. Its patches also
   name their grid row and column (`position_labels`): with the content label alone the features
   kept no position (a linear probe told left from right for 59% of object patches), and
@@ -42,8 +42,8 @@ seed; on seed 2 γ-MoD ends 12 points under the dense fine-tune).
 
 from gmod_jax import config as C
 from gmod_jax.data.synthetic import SyntheticConfig
-from gmod_jax.demo import DemoConfig
-from gmod_jax.demo.vision import VisionPretrainConfig
+from demo import DemoConfig
+from demo.vision import VisionPretrainConfig
 from train.config import DataConfig, OptimConfig, TrainConfig
 
 PROJECTOR_AND_LLM = (r"^projector/", r"^llm/")  # the vision tower stays frozen after its pretraining

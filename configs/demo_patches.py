@@ -2,7 +2,7 @@
 (issue 26): where the paper's Fig. 4 finding, γ-MoD skipping the redundant background patches,
 can show up and be measured.
 
-    python -m gmod_jax.demo --workdir runs/demo_patches --config configs/demo_patches.py
+    python -m demo --workdir runs/demo_patches --config configs/demo_patches.py
 
 What changes from configs/demo_default.py, and why:
 - Scenes: 112x112 px on the same 4x4 grid of 28 px cells, seen through 14 px patches: 8x8 = 64
@@ -29,7 +29,7 @@ import dataclasses
 from pathlib import Path
 
 from gmod_jax.config_files import load_config_file
-from gmod_jax.demo import DemoConfig
+from demo import DemoConfig
 
 IMAGE_SIZE, PATCH = 112, 14
 

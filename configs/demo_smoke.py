@@ -2,15 +2,15 @@
 data and routing options are the default demo's, so the tests run its code paths; the vision
 tower also learns the optional attribute labels, so that path and its report line run too.
 
-    python -m gmod_jax.demo --workdir /tmp/demo_smoke --config configs/demo_smoke.py
+    python -m demo --workdir /tmp/demo_smoke --config configs/demo_smoke.py
 
 Used by tests/test_demo.py (end to end in well under a minute on 2 CPU cores).
 """
 
 from gmod_jax import config as C
 from gmod_jax.data.synthetic import SyntheticConfig
-from gmod_jax.demo import DemoConfig
-from gmod_jax.demo.vision import VisionPretrainConfig
+from demo import DemoConfig
+from demo.vision import VisionPretrainConfig
 from train.config import DataConfig, OptimConfig, TrainConfig
 
 

@@ -2,7 +2,7 @@
 
 The section between `<!-- bench:<section>:start -->` and `<!-- bench:<section>:end -->` is
 replaced atomically; every other byte of the file is left as it was. Shared by the model
-benchmark (`python -m gmod_jax.bench`) and the converter's (`python -m convert.bench_memory`).
+benchmark (`python -m bench`) and the converter's (`python -m convert.bench_memory`).
 """
 
 from __future__ import annotations

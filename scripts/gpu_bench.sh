@@ -11,7 +11,7 @@
 # (13 programs, plus 4 per extra attention implementation), then 8 programs per model config
 # (their multi-path / MGM towers compile longer); not yet measured on a GPU.
 #
-#   bash scripts/gpu_bench.sh [extra gmod_jax.bench arguments, e.g. --set repeats=3]
+#   bash scripts/gpu_bench.sh [extra bench arguments, e.g. --set repeats=3]
 #
 # Env: PYTHON (interpreter with a CUDA jax; default .venv/bin/python, else python3),
 # BENCH_JSON (default runs/bench_gpu.json; rewritten after every case, so a run cut short keeps
@@ -19,7 +19,7 @@
 # ATTENTION_IMPLS (space-separated `attention_impl` values for the extra prefill sections; empty
 # to skip them), MODEL_CONFIGS (space-separated configs/<name>.py for the other base models; empty
 # to skip them). When $OUT is set (device-machine runs), the JSONs and BENCHMARKS.md are also
-# copied there; locally, `python -m gmod_jax.bench --from-json runs/bench_gpu.json --markdown
+# copied there; locally, `python -m bench --from-json runs/bench_gpu.json --markdown
 # BENCHMARKS.md` puts the fetched results into the local file. Without a GPU it prints why and
 # exits 0. Split a run with `--only prefill_b1 --only decode_b1_n32` etc.
 set -euo pipefail
@@ -44,7 +44,7 @@ fi
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/gmod_jax_compile_cache}"
 json="${BENCH_JSON:-runs/bench_gpu.json}"
 status=0
-"$PYTHON" -m gmod_jax.bench --config configs/bench_gpu.py --json "$json" --markdown BENCHMARKS.md "$@" || status=$?
+"$PYTHON" -m bench --config configs/bench_gpu.py --json "$json" --markdown BENCHMARKS.md "$@" || status=$?
 
 # Prefill rows per attention implementation. The analytic FLOP count follows what each one
 # computes: "blocked" skips most of the masked upper triangle in query blocks, "xla" scores
@@ -58,7 +58,7 @@ for impl in ${ATTENTION_IMPLS-blocked xla}; do
   esac
   impl_json="$(dirname "$json")/bench_gpu_attention_${impl}.json"
   jsons+=("$impl_json")
-  "$PYTHON" -m gmod_jax.bench --config configs/bench_gpu.py --json "$impl_json" --markdown BENCHMARKS.md \
+  "$PYTHON" -m bench --config configs/bench_gpu.py --json "$impl_json" --markdown BENCHMARKS.md \
     --set "model.attention_impl=$impl" --set "attention_flops=$counting" --set "section=gpu_attention_$impl" \
     --set "title=GPU prefill with attention_impl=$impl, LLaVA-1.5-7B shapes, bf16, 650 tokens (\`configs/bench_gpu.py\`)" \
     --only prefill_b1 --only prefill_b8 "$@" || status=$?
@@ -68,7 +68,7 @@ done
 for name in ${MODEL_CONFIGS-bench_gpu_hr bench_gpu_mgm}; do
   model_json="$(dirname "$json")/${name}.json"
   jsons+=("$model_json")
-  "$PYTHON" -m gmod_jax.bench --config "configs/${name}.py" --json "$model_json" --markdown BENCHMARKS.md \
+  "$PYTHON" -m bench --config "configs/${name}.py" --json "$model_json" --markdown BENCHMARKS.md \
     "$@" || status=$?
 done
 

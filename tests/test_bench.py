@@ -1,4 +1,4 @@
-"""`python -m gmod_jax.bench` end to end on a tiny config: JSON schema, BENCHMARKS.md section
+"""`python -m bench` end to end on a tiny config: JSON schema, BENCHMARKS.md section
 rewrite that leaves everything else alone, platform gating, config overrides. No timing
 assertions: speed is what the benchmark measures, not what tests check."""
 
@@ -10,14 +10,14 @@ import textwrap
 import pytest
 
 from gmod_jax import benchmarks_md
-from gmod_jax.bench import runner
-from gmod_jax.bench.config import BenchConfig, load_config
+from bench import runner
+from bench.config import BenchConfig, load_config
 from gmod_jax.config_files import apply_overrides
 
 TINY_CONFIG = textwrap.dedent('''
     import dataclasses
     from gmod_jax import config as C
-    from gmod_jax.bench import BenchConfig, Case
+    from bench import BenchConfig, Case
 
     def get_config():
         model = C.tiny(
@@ -163,7 +163,7 @@ def test_bench_train_step_is_the_trainers_step(tmp_path):
     import numpy as np
 
     from gmod_jax import sharding as shd
-    from gmod_jax.bench.config import Case
+    from bench.config import Case
     from gmod_jax.models.llama import routing_capacity
     from train import data as data_lib
     from train import step as step_lib
@@ -205,7 +205,7 @@ def test_threshold_routing_loss_is_logistic_at_the_official_threshold():
     import jax.numpy as jnp
     import numpy as np
 
-    from gmod_jax.bench.router_fit import threshold_routing_loss
+    from bench.router_fit import threshold_routing_loss
 
     r = np.array([[0.9, 0.004, 0.006, 0.3]], np.float32)
     selected = np.array([[True, False, True, False]])
@@ -225,7 +225,7 @@ def test_calibrate_router_scale_finds_the_target_skip():
     correct side after each overshoot, and scales every router tensor, nothing else."""
     import numpy as np
 
-    from gmod_jax.bench.router_fit import calibrate_router_scale
+    from bench.router_fit import calibrate_router_scale
 
     params = {"llm": {"mod_router": {"kernel": np.full((4, 1), 0.5)}, "other": np.ones(3)}}
     seen = []

@@ -10,8 +10,8 @@ import pytest
 
 from gmod_jax import flops as F
 from gmod_jax import token_types as tt
-from gmod_jax.bench.config import load_config
-from gmod_jax.bench.runner import make_inputs
+from bench.config import load_config
+from bench.runner import make_inputs
 from gmod_jax.models.llama import RoutingPlan, routing_capacity
 from gmod_jax.models.llava import LlavaModel
 from tests.test_sharding import ROOT

@@ -1,4 +1,4 @@
-"""`python -m gmod_jax.demo` and `python -m gmod_jax.ablation` end to end at a drastically reduced
+"""`python -m demo` and `python -m demo.ablation` end to end at a drastically reduced
 size (configs/demo_smoke.py): every stage runs through the real train / ARank / convert / eval /
 visualize code, all artefacts and report sections exist, and a second run reuses every stage."""
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gmod_jax.demo import ablation
-from gmod_jax.demo import pipeline as demo
+from demo import ablation
+from demo import pipeline as demo
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "demo_smoke.py"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from gmod_jax.data.synthetic import SyntheticConfig, make_sample, patch_object_map, render_scene
-from gmod_jax.demo import pipeline as demo
-from gmod_jax.demo.patches import patch_skip_shares
+from demo import pipeline as demo
+from demo.patches import patch_skip_shares
 
 PATCHES_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_patches.py"
 
@@ -127,7 +127,7 @@ def test_patches_config_sees_each_scene_patch_as_one_image_token():
 
 
 def test_redundancy_start_ranks_the_odd_tokens_above_the_many_alike():
-    from gmod_jax.demo.router_probes import (object_over_background, redundancy_direction,
+    from demo.router_probes import (object_over_background, redundancy_direction,
                                              router_kernel_from_direction)
 
     rng = np.random.default_rng(1)

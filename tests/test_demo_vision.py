@@ -1,4 +1,4 @@
-"""The demo's vision-tower pretraining (gmod_jax.demo.vision): labels, learning, the checkpoint."""
+"""The demo's vision-tower pretraining (demo.vision): labels, learning, the checkpoint."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import gmod_jax
 from gmod_jax import config as C
 from gmod_jax.api import init_random
 from gmod_jax.data.synthetic import SyntheticConfig, write_synthetic_dataset
-from gmod_jax.demo.vision import (VisionPretrainConfig, attribute_labels, cell_labels, load_split, num_cell_classes,
+from demo.vision import (VisionPretrainConfig, attribute_labels, cell_labels, load_split, num_cell_classes,
                                   pretrain_vision, token_cells, vision_stage)
 
 SYN = SyntheticConfig(image_size=28, grid=2, min_objects=1, max_objects=3, shapes=("circle", "square"),

@@ -13,7 +13,7 @@ from gmod_jax import config as C
 from gmod_jax import flops as F
 from gmod_jax import token_types as tt
 from gmod_jax.models.llama import routing_capacity
-from gmod_jax.bench.runner import prefill_program
+from bench.runner import prefill_program
 from gmod_jax.models.llama import RoutingPlan
 from gmod_jax.models.llava import LlavaModel
 

@@ -221,8 +221,8 @@ def test_layer_every_row_skips_is_not_computed(form):
     weights are then poisoned (NaN) for the decode only. Had a layer been computed, its NaN key
     would sit in the cache slot each step writes (masked invalid, but written); the skip branch
     writes zeros there. The tokens equal those of the clean weights (the layers are skipped)."""
-    from gmod_jax.bench import runner
-    from gmod_jax.bench.config import BenchConfig
+    from bench import runner
+    from bench.config import BenchConfig
     from gmod_jax.inference.generate import CacheSpec, mod_prefill_capacity
 
     base = C.tiny(vision=C.VisionConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,

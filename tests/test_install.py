@@ -56,8 +56,8 @@ def test_pip_install_into_a_fresh_venv_then_cli_and_load_outside_the_repo(tmp_pa
     save_checkpoint(tmp_path / "ckpt", gmod_jax.init_random(config).params, config)
     work = tmp_path / "elsewhere"
     work.mkdir()
-    for module in ("train", "convert", "convert.to_hf", "gmod_jax.generate", "gmod_jax.eval", "gmod_jax.demo",
-                   "gmod_jax.bench", "gmod_jax.arank"):
+    for module in ("train", "convert", "convert.to_hf", "gmod_jax.generate", "gmod_jax.eval", "demo", "demo.ablation",
+                   "bench", "gmod_jax.arank"):
         proc = subprocess.run([str(python), "-m", module, "--help"], capture_output=True, text=True, cwd=work,
                               env=_clean_env(), timeout=300)
         assert proc.returncode == 0, f"python -m {module} --help: {proc.stderr[-2000:]}"

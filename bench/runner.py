@@ -1,4 +1,4 @@
-"""`python -m gmod_jax.bench --config configs/bench_cpu.py --json OUT.json [--markdown BENCHMARKS.md]`
+"""`python -m bench --config configs/bench_cpu.py --json OUT.json [--markdown BENCHMARKS.md]`
 
 Dense vs γ-MoD in one process, on the same weights and the same inputs: prefill latency, decode
 tokens/s, training-step time, analytic and XLA-reported FLOPs, the realised skip ratio, the
@@ -14,7 +14,7 @@ Method, and why:
   skipped in every MoD layer and the skip ratio is the configured one. The rule used is recorded.
   With `official_rule_rows`, each prefill case also gets a row for the official rule (threshold
   with capacity buckets) on a copy of the γ-MoD model whose router was first fitted so that the
-  rule skips about that share (`gmod_jax.bench.router_fit`); the fit and the realised skip are
+  rule skips about that share (`bench.router_fit`); the fit and the realised skip are
   reported.
 * Train-step rows run the trainer's own jitted step (`train.step`, as `python -m train` builds
   it: loss, clipping, schedule, frozen tower, accumulation), not a program of the benchmark's.
@@ -56,9 +56,9 @@ from gmod_jax import flops as F
 from gmod_jax import sharding as shd
 from gmod_jax import token_types as tt
 from gmod_jax.api import Model, init_random
-from gmod_jax.bench.config import BenchConfig, Case, load_config
-from gmod_jax.bench import router_fit
-from gmod_jax.bench.markdown import fmt, render_markdown
+from bench.config import BenchConfig, Case, load_config
+from bench import router_fit
+from bench.markdown import fmt, render_markdown
 from gmod_jax.benchmarks_md import update_markdown
 from gmod_jax.eval.results import write_text_atomic
 from gmod_jax.config import ModelConfig
@@ -719,7 +719,7 @@ def _routing_rule(config: BenchConfig, mod_cfg: ModelConfig) -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m gmod_jax.bench", description=__doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
     p.add_argument("--config", help="Python file defining get_config() -> BenchConfig")
     p.add_argument("--json", help="where to write the results (JSON)")
     p.add_argument("--markdown", help="BENCHMARKS.md to update (only this config's section is rewritten)")
@@ -737,7 +737,7 @@ def main(argv=None) -> int:
         if result.get("partial"):
             p.error(f"{args.from_json} holds a partial run ({len(result['cases'])} case(s)); finish the run first")
         section = result["config"]["section"]
-        update_markdown(args.markdown, section, render_markdown(result, result.get("command", "python -m gmod_jax.bench")))
+        update_markdown(args.markdown, section, render_markdown(result, result.get("command", "python -m bench")))
         _log(f"updated section '{section}' of {args.markdown} from {args.from_json}")
         return 0
     if not args.config or not args.json:
@@ -755,7 +755,7 @@ def main(argv=None) -> int:
     unknown = set(args.only) - {c.name for c in config.cases}
     if unknown:
         p.error(f"unknown case(s) {sorted(unknown)}; config has {[c.name for c in config.cases]}")
-    command = shlex.join(["python", "-m", "gmod_jax.bench", *argv])
+    command = shlex.join(["python", "-m", "bench", *argv])
 
     def save_partial(rows):
         partial = {"partial": True, "command": command, "config": _jsonable(config), "cases": _jsonable(rows)}

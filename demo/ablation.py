@@ -1,6 +1,6 @@
-"""The paper's Table 1 ablations on the synthetic task: `python -m gmod_jax.ablation`.
+"""The paper's Table 1 ablations on the synthetic task: `python -m demo.ablation`.
 
-    python -m gmod_jax.ablation --workdir runs/ablation [--demo-workdir runs/demo] [--steps N]
+    python -m demo.ablation --workdir runs/ablation [--demo-workdir runs/demo] [--steps N]
         [--only NAME ...] [--eval-limit N] [--config configs/demo_default.py] [--set key=value ...]
 
 Starts from the demo's dense checkpoint (`<demo-workdir>/ckpt/dense`, trained with the demo's
@@ -27,12 +27,13 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from gmod_jax import token_types as tt
-from gmod_jax.demo.pipeline import (DemoConfig, Paths, Prepared, Stages, adapt_stage, enable_compilation_cache, eval_stage,
+from demo.pipeline import (DemoConfig, Paths, Prepared, Stages, adapt_stage, enable_compilation_cache, eval_stage,
                            finetune_stage, load_config, prepare, write_json)
 
 
@@ -182,7 +183,7 @@ def markdown(s: dict) -> str:
 def main(argv=None, config: DemoConfig | None = None, echo: Callable[[str], None] = print) -> dict:
     from gmod_jax.config_files import OverrideError, apply_overrides
 
-    ap = argparse.ArgumentParser(prog="python -m gmod_jax.ablation", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m demo.ablation", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--workdir", required=True, help="output directory (reused on reruns)")
     ap.add_argument("--demo-workdir", default="runs/demo", help="the demo's workdir (dense checkpoint, ARank)")
@@ -192,7 +193,7 @@ def main(argv=None, config: DemoConfig | None = None, echo: Callable[[str], None
     ap.add_argument("--eval-limit", type=int, default=None, help="evaluate the first N held-out questions only")
     ap.add_argument("--config", default=None, help="demo config file (default configs/demo_default.py)")
     ap.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                    help="override DemoConfig fields (as for python -m gmod_jax.demo)")
+                    help="override DemoConfig fields (as for python -m demo)")
     args = ap.parse_args(argv)
     import logging
 
@@ -208,3 +209,8 @@ def main(argv=None, config: DemoConfig | None = None, echo: Callable[[str], None
     except (OverrideError, ValueError, TypeError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     return run_ablation(cfg, args.workdir, args.demo_workdir, args.steps, tuple(args.only), echo)
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

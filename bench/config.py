@@ -72,7 +72,7 @@ class BenchConfig:
     # next to every prefill case, on the γ-MoD model with its router first fitted for
     # `router_fit_steps` Adam steps (learning rate `router_fit_lr` / hidden size, i.e. about that
     # much change of a router logit per step) so that the rule skips about the capacity rule's
-    # share of the routable tokens (`gmod_jax.bench.router_fit`). The other rows keep the
+    # share of the routable tokens (`bench.router_fit`). The other rows keep the
     # unfitted router.
     official_rule_rows: bool = False
     # The official rule's capacity buckets (`MoDConfig.threshold_buckets`: equal steps of T). A MoD

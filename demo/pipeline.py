@@ -1,6 +1,6 @@
-"""γ-MoD end to end on the embedded synthetic task: `python -m gmod_jax.demo --workdir runs/demo`.
+"""γ-MoD end to end on the embedded synthetic task: `python -m demo --workdir runs/demo`.
 
-    python -m gmod_jax.demo --workdir runs/demo [--config configs/demo_default.py] [--set key=value ...]
+    python -m demo --workdir runs/demo [--config configs/demo_default.py] [--set key=value ...]
         [--rerun STAGE ...]
 
 No downloads, CPU only. The stages are the ones a researcher runs on a real LLaVA checkpoint,
@@ -11,7 +11,7 @@ through the same library code (only the data and the model are small):
   tokenizer   a LLaMA-style SentencePiece model trained on the training text
   tfds        the training data pre-tokenised into a TFDS ArrayRecord dataset (what training reads)
   vision      the vision tower trained on its own to label the scene under each patch, standing
-              in for CLIP's pretraining (there is no CLIP to download; `gmod_jax.demo.vision`)
+              in for CLIP's pretraining (there is no CLIP to download; `demo.vision`)
   pretrain    a tiny LLaVA (that tower, a random LLM) trained on the captions with the `plain`
               template, as LLaVA's stage 1 (with the LLM trained too: it starts from scratch);
               `train.loop.run`, exported as a gmod-jax checkpoint
@@ -51,14 +51,14 @@ import numpy as np
 
 from gmod_jax.config import ModelConfig
 from gmod_jax.data.synthetic import SyntheticConfig
-from gmod_jax.demo.report import read_metrics
-from gmod_jax.demo.vision import VisionPretrainConfig
+from demo.report import read_metrics
+from demo.vision import VisionPretrainConfig
 from train.config import TrainConfig
 
-log = logging.getLogger("gmod_jax.demo")
+log = logging.getLogger("demo")
 
 # The recipes live in the repository's configs/, not in the installed package.
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_default.py"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_default.py"
 TFDS_QA = "synthetic_qa_vicuna_v1"  # TFDS config names of the two pre-tokenised datasets
 TFDS_CAPTIONS = "synthetic_captions_plain"
 TEMPLATE = "vicuna_v1"  # instruction data and evaluation
@@ -82,7 +82,7 @@ class DemoConfig:
     # LLaVA stage-1 style captioning (plain template) before `dense_train`; None = no such phase
     pretrain: TrainConfig | None = None
     # The vision tower's own pretraining before everything else, standing in for CLIP's
-    # (`gmod_jax.demo.vision`); None = the LLaVA stages start from a random tower
+    # (`demo.vision`); None = the LLaVA stages start from a random tower
     vision_pretrain: VisionPretrainConfig | None = None
     synthetic: SyntheticConfig = SyntheticConfig()
     num_train: int = 8000  # training images (each with 1..max_turns questions)
@@ -98,7 +98,7 @@ class DemoConfig:
     # Other MoDConfig fields for the adapted model, as (name, value) pairs, e.g.
     # (("inference_routing", "capacity"),).
     mod_options: tuple[tuple[str, Any], ...] = ()
-    # Where the shared router starts (`gmod_jax.demo.router_probes`): "random" (official: the
+    # Where the shared router starts (`demo.router_probes`): "random" (official: the
     # adapter's random init) or "redundancy" (a probe for issue 26, not the paper's method: the
     # direction away from the mean routable token of `router_start_samples` training prompts).
     router_start: str = "random"
@@ -135,7 +135,7 @@ class DemoConfig:
             raise ValueError(f"num_dense must be in 1..{self.model.text.num_layers - 1}")
         if self.model.mod.enabled:
             raise ValueError("DemoConfig.model is the dense architecture; the demo adapts it to γ-MoD itself")
-        from gmod_jax.demo.router_probes import ROUTER_STARTS
+        from demo.router_probes import ROUTER_STARTS
 
         if self.router_start not in ROUTER_STARTS:
             raise ValueError(f"router_start must be one of {ROUTER_STARTS}, got {self.router_start!r}")
@@ -453,7 +453,7 @@ def routing_stage(ckpt: Path, paths: Paths, out: Path, cfg: DemoConfig, answers:
         if object_maps.shape[1:] != grids_all.shape[2:]:
             raise ValueError(f"scenes record {object_maps.shape[1:]} patches, the model sees {grids_all.shape[2:]}: "
                              "set synthetic.patch_grid to the vision tower's patches per side")
-        from gmod_jax.demo.patches import patch_skip_shares
+        from demo.patches import patch_skip_shares
 
         patch_stats = patch_skip_shares(grids_all, object_maps)
     rates = V.skip_rates_by_type(kept, types)
@@ -602,7 +602,7 @@ def prepare(cfg: DemoConfig, root: Path, stages: Stages) -> Prepared:
     init = None
     if cfg.vision_pretrain is not None:
         def make_vision():
-            from gmod_jax.demo.vision import vision_stage
+            from demo.vision import vision_stage
 
             d = data.result
             return vision_stage(model_cfg, cfg.vision_pretrain, cfg.synthetic, Path(d["train_json"]),
@@ -670,7 +670,7 @@ def layers_with_tie_break(arank_mean, num_dense: int) -> tuple[list[int], bool]:
 def adapt_stage(prep: Prepared, out: Path, layers, seed: int, router_start: str = "random",
                 router_start_samples: int = 64, **mod_kw) -> dict:
     """`convert.to_mod.adapt` of the dense checkpoint, saved with its tokenizer; with
-    `router_start="redundancy"` the router starts from `gmod_jax.demo.router_probes`' direction."""
+    `router_start="redundancy"` the router starts from `demo.router_probes`' direction."""
     from gmod_jax.checkpoint import load_checkpoint, save_checkpoint
     from convert.to_mod import adapt
 
@@ -679,7 +679,7 @@ def adapt_stage(prep: Prepared, out: Path, layers, seed: int, router_start: str 
     info = {}
     if router_start == "redundancy":
         import gmod_jax
-        from gmod_jax.demo.router_probes import redundancy_router
+        from demo.router_probes import redundancy_router
 
         kernel, info = redundancy_router(config, new_params, new_config.mod.layers, prep.tokenizer,
                                          gmod_jax.load(str(prep.paths.ckpt("dense"))), prep.paths.data / "train.json",
@@ -781,7 +781,7 @@ def run_demo(cfg: DemoConfig, workdir: str | os.PathLike, rerun: tuple[str, ...]
                        lambda: speed_stage(paths.ckpt("mod_ft"), paths, cfg, bucket), deps=("mod_ft",))
 
     # report
-    from gmod_jax.demo.report import write_report
+    from demo.report import write_report
 
     total = time.perf_counter() - t_start
     summary = {
@@ -854,7 +854,7 @@ def main(argv=None, config: DemoConfig | None = None, echo: Callable[[str], None
     """CLI entry; `config` (tests) replaces the config file. Returns the run summary."""
     from gmod_jax.config_files import OverrideError, apply_overrides
 
-    ap = argparse.ArgumentParser(prog="python -m gmod_jax.demo", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--workdir", required=True, help="output directory (reused on reruns)")
     ap.add_argument("--config", default=None, help=f"demo config file (default {DEFAULT_CONFIG.name})")

@@ -138,7 +138,7 @@ def target_routable_skip(config: ModelConfig, types: np.ndarray) -> float:
 def fit_router(model: Model, inputs: dict, steps: int, learning_rate: float, calibrate: bool = True
                ) -> tuple[Model, dict]:
     """(model with the fitted router, report). `inputs` holds the prompts (`ids`, `px`, `mask`,
-    `types`, as `gmod_jax.bench.runner.make_inputs` builds them). Only `llm/mod_router` changes:
+    `types`, as `bench.runner.make_inputs` builds them). Only `llm/mod_router` changes:
     `steps` Adam steps, then (`calibrate`) the scale that brings the official rule's routable skip
     to the capacity rule's share."""
     config = model.config
