@@ -483,13 +483,9 @@ class CheckpointReader:
             if file not in by_file:
                 continue
             if self.container == "safetensors":
-                yield from self._iter_safetensors(file, by_file[file])
+                yield from _iter_mapped_safetensors(file, by_file[file])
             else:
                 yield from self._iter_torch_zip(file, by_file[file])
-
-    @staticmethod
-    def _iter_safetensors(file: Path, entries: list[TensorEntry]):
-        yield from _iter_mapped_safetensors(file, entries)
 
     def _iter_torch_zip(self, file: Path, entries: list[TensorEntry]):
         records = self._records[file]

@@ -201,15 +201,14 @@ def _decode_step(config: ModelConfig, spec: CacheSpec, params, cache: KVCache, t
     unstacked = isinstance(layers, tuple)  # `unstack_layers`: unrolled, each layer its own buffers
     for start, stop, is_mod in layer_groups(config.text.num_layers, mods):
         n = stop - start
-        first = mod_i if is_mod else dense_i
-        cache_index = jnp.arange(first, first + n)  # this group's layers in the dense / MoD caches
+        first = mod_i if is_mod else dense_i  # this group's first layer in the dense / MoD caches
         routers = group_routers(config, router, start, stop) if is_mod else None
         if unstacked:
             fetch = lambda p: p  # noqa: E731
             xs = [(p, first + j, r) for j, (p, r) in enumerate(group_layer_params(layers, start, stop, routers))]
         else:
             group, fetch = layer_group(layers, start, stop, by_index=True)
-            xs = (group, cache_index, routers)
+            xs = (group, jnp.arange(first, first + n), routers)
         if not is_mod:
             def dense_step(h, xs, fetch=fetch):
                 i, l, _ = xs
