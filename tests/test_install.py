@@ -24,7 +24,7 @@ from gmod_jax import config as C
 from gmod_jax.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ("gmod_jax", "train", "convert", "pyproject.toml", "requirements.txt", "README.md")
+SOURCES = ("gmod_jax", "train", "convert", "demo", "bench", "pyproject.toml", "requirements.txt", "README.md")
 
 
 def _clean_env() -> dict:
