@@ -14,7 +14,7 @@ import json
 import sys
 
 from convert.errors import ConversionError
-from convert.host import keep_jax_on_host
+from convert.host import run_cli
 from convert.keymap import DTYPE_POLICIES
 from convert.pipeline import DEFAULT_BATCH_BYTES, convert_checkpoint
 
@@ -61,5 +61,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    keep_jax_on_host()
-    sys.exit(main())
+    run_cli(main)

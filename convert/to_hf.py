@@ -37,7 +37,7 @@ import numpy as np
 
 from convert import hf_config, keymap
 from convert.errors import ConversionError
-from convert.host import keep_jax_on_host
+from convert.host import run_cli
 from gmod_jax.checkpoint import copy_tokenizer_files, flatten, load_checkpoint
 from convert.readers import write_sharded_safetensors
 from gmod_jax.config import ModelConfig
@@ -147,5 +147,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    keep_jax_on_host()
-    sys.exit(main())
+    run_cli(main)

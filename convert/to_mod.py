@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from convert.errors import ConversionError
-from convert.host import keep_jax_on_host
+from convert.host import run_cli
 from gmod_jax.checkpoint import load_checkpoint, save_checkpoint
 from gmod_jax.config import MOD_PLACEMENTS, MoDConfig, ModelConfig, mod_layer_indices
 from gmod_jax.models.llama import _router_init
@@ -105,5 +105,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    keep_jax_on_host()
-    sys.exit(main())
+    run_cli(main)
