@@ -156,6 +156,25 @@ def batch_spec(ndim_prefix: int = 0) -> P:
     return P(*([None] * ndim_prefix), BATCH_AXES)
 
 
+def constrain_batch(x):
+    """`x` [B, ...] with its batch axis pinned to the mesh's batch axes, when a mesh is set
+    (`jax.set_mesh`) and they divide B; otherwise `x` unchanged.
+
+    The mesh is `AxisType.Auto` and model code is unannotated, so GSPMD picks activation
+    shardings by propagation, and the params' FSDP sharding of `embed` can win over the inputs'
+    batch sharding: a 7B train step compiled for TPU then held the whole batch's activations on
+    every chip, split over the hidden dimension, and all-reduced them at every layer
+    (docs/tpu_aot.md). The decoder and the vision tower pin their layer inputs with this."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    axes = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
+    if not axes or x.shape[0] % math.prod(sizes[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))
+
+
 def batch_sharding(mesh, ndim_prefix: int = 0) -> NamedSharding:
     return NamedSharding(mesh, batch_spec(ndim_prefix))
 

@@ -90,6 +90,35 @@ def test_logical_to_spec_multi_axis_batch():
         shd.logical_to_spec(("nonsense",), (4,), {"data": 1, "fsdp": 1, "tensor": 1})
 
 
+CONSTRAIN_SCRIPT = """
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from gmod_jax import sharding as shd
+x8, x6 = jnp.ones((8, 4, 16)), jnp.ones((6, 4, 16))
+assert shd.constrain_batch(x8) is x8  # no mesh set: untouched
+mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=4, tensor=1), jax.devices())
+with jax.set_mesh(mesh):
+    for x, spec in ((x8, P(("data", "fsdp"), None, None)), (x6, None)):
+        out = jax.jit(lambda a: shd.constrain_batch(a) * 2).lower(x).compile().output_shardings
+        if spec is None:  # 6 rows do not split over 8 shards: nothing pinned, GSPMD replicates
+            assert out.is_fully_replicated, out
+        else:
+            assert out.is_equivalent_to(NamedSharding(mesh, spec), x.ndim), out
+    tensor_only = shd.make_mesh(shd.MeshConfig(data=1, fsdp=1, tensor=8), jax.devices())
+with jax.set_mesh(tensor_only):
+    assert shd.constrain_batch(x8) is x8  # no batch axis to pin
+print("ok")
+"""
+
+
+def test_constrain_batch_pins_the_batch_axis_under_a_mesh():
+    """A replicated input comes out batch-sharded over data x fsdp; indivisible batches, meshes
+    without batch axes and code run without a mesh are left to GSPMD."""
+    proc = subprocess.run([sys.executable, "-c", CONSTRAIN_SCRIPT], env=subprocess_env(8), capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-4000:]
+
+
 # ----------------------------------------------------------------------------------------------
 # 8 fake devices vs 1 device
 

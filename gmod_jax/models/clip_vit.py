@@ -11,6 +11,7 @@ from gmod_jax.layers.dtypes import DTYPES
 from gmod_jax.layers.attention import dot_product_attention, project
 from gmod_jax.layers.mlp import activation
 from gmod_jax.layers.norms import layer_norm
+from gmod_jax.sharding import constrain_batch
 
 
 
@@ -88,7 +89,7 @@ def vision_features(config: ModelConfig, p, pixel_values):
     collect = len(wanted) > 1 or 0 in wanted
 
     def step(h, layer_params):
-        h = encoder_layer(config, layer_params, h)
+        h = encoder_layer(config, layer_params, constrain_batch(h))
         return h, (h if collect else None)
 
     last, outs = jax.lax.scan(step, x, stack)

@@ -24,6 +24,7 @@ from gmod_jax.layers.attention import causal_attention, causal_mask, contract, p
 from gmod_jax.layers.mlp import swiglu
 from gmod_jax.layers.norms import rms_norm
 from gmod_jax.layers.rope import apply_rope, inv_freq_and_scale, rope_cos_sin
+from gmod_jax.sharding import constrain_batch
 
 
 
@@ -451,6 +452,7 @@ def decoder_walk(config: ModelConfig, layers, router, x, attention_mask, token_t
 
         def step(h, xs, fetch=fetch, is_mod=is_mod):
             p, r = xs
+            h = constrain_batch(h)
             if not is_mod:
                 return dense_layer(config, fetch(p), h, cos, sin, dense_mask, collect)
             return mod_layer(config, fetch(p), router if r is None else r, h, positions, attention_mask,
