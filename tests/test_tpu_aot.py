@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import pytest
 
 from tests.test_sharding import ROOT, subprocess_env
-from train import hlo_cost
+from train import aot_tables, hlo_cost
 from train.tpu_topology import CHIPS, libtpu_available, parse_topology
 
 
@@ -145,6 +145,18 @@ def test_tiny_gamma_mod_compiles_for_tpu(tmp_path):
     assert programs["prefill"]["shapes"]["mod_capacity"] == programs["prefill"]["shapes"]["prompt_len"]
     assert mod["model"]["mod_layers"] == 2
 
+    # docs/tpu_aot.md's tables are rendered from these reports by `python -m train.aot_tables`.
+    page = tmp_path / "page.md"
+    page.write_text("# TPU\n\nhand-written text stays\n")
+    assert aot_tables.main([str(tmp_path), "--markdown", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith("# TPU\n\nhand-written text stays\n") and "<!-- bench:tpu-aot:start -->" in text
+    rows = [line for line in text.splitlines() if line.startswith("| γ-MoD") or line.startswith("| tiny")]
+    assert len(rows) == 4  # γ-MoD train_step, prefill, decode_step; dense train_step
+    train_row = next(r for r in rows if "| train_step |" in r and "dispatch" in r)
+    assert f"| {train['estimated_step_s']:.3g} | {train['estimated_mfu']:.1%} |" in train_row
+    assert f"| {train['per_chip_bytes']['total'] / 1e9:.1f} | yes |" in train_row
+
 
 @pytest.mark.parametrize("per_row, curve", [(3.0, 0.0), (3.0, 0.02), (0.7, 0.0), (50.0, 0.0)])
 def test_find_batch_search_confirms_both_sides(monkeypatch, per_row, curve):
@@ -190,3 +202,33 @@ def test_multislice_mesh_puts_only_data_across_slices():
         assert {d.slice_index for d in grid.flat} == {row}  # each data replica is one slice
     with pytest.raises(ValueError, match="multiple of the slice count"):
         make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices)
+
+
+def _report(config: str, mod_layers: int, find_batch=None) -> dict:
+    program = {"name": "train_step", "chips": 32, "per_chip_bytes": {"total": 40e9}, "fits": True, "flops": 4e14,
+               "bytes_accessed": 5e12, "collectives": [{"kind": "all-gather", "count": 3, "bytes": 2e9}],
+               "estimated_step_s": 2.0, "estimated_mfu": 0.5,
+               "shapes": {"global_batch": 128, "grad_accum_steps": 2, "micro_batch": 64, "seq_len": 2048,
+                          "mesh": {"data": 1, "fsdp": 32, "tensor": 1}}}
+    report = {"config": config, "topology": "v5p-64 (v5p:2x4x4, 32 chips)", "programs": [program],
+              "model": {"mod_layers": mod_layers, "mod_implementation": "gather", "attention_implementation": "auto"}}
+    if find_batch:
+        report["find_batch"] = find_batch
+    return report
+
+
+def test_aot_tables_render_programs_and_batch_searches(tmp_path):
+    search = {"per_shard_batch": 41, "tried": {"1": {"fits": True, "total_bytes": 6.3e9},
+                                               "42": {"fits": False, "total_bytes": 99.1e9},
+                                               "2": {"fits": True, "total_bytes": 8.5e9}}}
+    (tmp_path / "a.json").write_text(json.dumps(_report("configs/gamma_mod_llava_v15_7b.py", 28, search)))
+    (tmp_path / "b.json").write_text(json.dumps(_report("configs/llava_v15_7b_stage2.py", 0)))
+    (tmp_path / "notes.json").write_text("{}")  # not a report: skipped
+    text = aot_tables.render(aot_tables.load_reports(tmp_path))
+    # 128 rows x 2048 tokens / 32 chips / 2.0 s = 4096 tokens/s/chip; 64 rows / 32 shards = 2 per chip.
+    assert ("| γ-MoD-LLaVA-1.5-7B (auto attention, gather dispatch) | train_step | 2 x 2 of 2048 | 40.0 | yes | "
+            "400.0 | 5000 | all-gather 3x 2.0 GB | 2 | 50.0% | 4,096 |") in text
+    assert "| LLaVA-1.5-7B stage 2 (auto attention) | train_step |" in text
+    # The search lists its sizes in numeric order, failing ones marked.
+    assert "| 41 | 1: 6.3, 2: 8.5, 42: 99.1 x |" in text
+    assert aot_tables.main([str(tmp_path / "empty")]) == 2

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Compile every shipped 7B recipe for its TPU mesh presets with `python -m train.aot` (no TPU
+# needed; libtpu from requirements-dev.txt) and keep the JSON reports under runs/aot/, then
+# rewrite docs/tpu_aot.md's tables from them (`python -m train.aot_tables`). On this 2-core host
+# one 7B train-step compile takes 1-3 minutes; `--find-batch` needs 4-8 of them per recipe.
+# Usage: scripts/tpu_aot_tables.sh [NAME ...]   (default: every run below; existing JSONs are kept)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+OUT=${AOT_OUT:-runs/aot}
+mkdir -p "$OUT"
+V5P="--topology v5p-64 --mesh configs/mesh_tpu_v5p_64.py"
+V5E="--topology v5e-256 --mesh configs/mesh_tpu_v5e_256_tp.py"
+ALL="train_step,prefill,decode_step"
+declare -A RUNS=(
+  [dense_v5p64]="--config configs/llava_v15_7b_stage2.py $V5P --programs $ALL --find-batch"
+  [gmod_v5p64]="--config configs/gamma_mod_llava_v15_7b.py $V5P --programs $ALL --find-batch"
+  [gmod_hr_v5p64]="--config configs/gamma_mod_llava_hr_7b.py $V5P --programs $ALL --find-batch"
+  [gmod_mgm_v5p64]="--config configs/gamma_mod_mgm_hd_7b.py $V5P --programs $ALL --find-batch"
+  [dense_v5e256]="--config configs/llava_v15_7b_stage2.py $V5E --programs $ALL --find-batch"
+  [gmod_v5e256]="--config configs/gamma_mod_llava_v15_7b.py $V5E --programs $ALL --find-batch"
+  [gmod_v5p64_onehot]="--config configs/gamma_mod_llava_v15_7b.py $V5P --programs train_step,prefill --set model.mod.implementation=onehot"
+  [gmod_v5p64_recipe]="--config configs/gamma_mod_llava_v15_7b.py $V5P --programs train_step,prefill"
+  [gmod_v5p64_xla]="--config configs/gamma_mod_llava_v15_7b.py $V5P --programs train_step --set model.attention_impl=xla"
+)
+ORDER=(dense_v5p64 gmod_v5p64 gmod_hr_v5p64 gmod_mgm_v5p64 dense_v5e256 gmod_v5e256 gmod_v5p64_recipe
+       gmod_v5p64_onehot gmod_v5p64_xla)
+names=("$@")
+[ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
+for name in "${names[@]}"; do
+  [ -n "${RUNS[$name]:-}" ] || { echo "unknown run $name (one of: ${ORDER[*]})" >&2; exit 2; }
+  if [ -s "$OUT/$name.json" ]; then echo "== $name: kept $OUT/$name.json"; continue; fi
+  echo "== $name: python -m train.aot ${RUNS[$name]}"
+  # shellcheck disable=SC2086
+  "$PY" -m train.aot ${RUNS[$name]} --json "$OUT/$name.json.part" > "$OUT/$name.log" 2>&1
+  mv "$OUT/$name.json.part" "$OUT/$name.json"
+done
+"$PY" -m train.aot_tables "$OUT" --markdown docs/tpu_aot.md
