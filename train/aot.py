@@ -455,7 +455,10 @@ def run(args) -> dict:
                     "attention_implementation": target.model.attention_impl}
     reports: list[ProgramReport] = []
     if TRAIN in programs:
-        reports.append(train_step_report(target, layout, args.hbm_fraction, args.dump_hlo)[0])
+        if args.find_batch and not args.dump_hlo:  # the search compiled exactly this step already
+            reports.append(tried[per_chip])
+        else:
+            reports.append(train_step_report(target, layout, args.hbm_fraction, args.dump_hlo)[0])
     if PREFILL in programs or DECODE in programs:
         reports += [r for r in generation_reports(target, layout, args.hbm_fraction, args.dump_hlo)
                     if r.name in programs]
