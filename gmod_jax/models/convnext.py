@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from gmod_jax.config import ConvNeXtConfig
 from gmod_jax.layers.attention import project
 from gmod_jax.layers.norms import layer_norm
+from gmod_jax.sharding import constrain_batch
 
 # (Flax path under the trunk, PyTorch key suffix under timm's trunk, transform). `{i}` is the
 # stage, `{b}` the block (stacked on the leading axis of the Flax leaf). Transforms use
@@ -128,7 +129,7 @@ def convnext_stages(config: ConvNeXtConfig, params, pixels, dtype=jnp.float32, r
             x = conv2d(x, stage["downsample"]["conv"], 2, "VALID", dtype)
 
         def step(h, block_params):
-            return convnext_block(c, block_params, h, dtype), None
+            return convnext_block(c, block_params, constrain_batch(h), dtype), None
 
         x, _ = jax.lax.scan(remat(step) if remat else step, x, stage["blocks"])
         outputs.append(x)
