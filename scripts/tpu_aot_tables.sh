@@ -2,7 +2,7 @@
 # Compile every shipped 7B recipe for its TPU mesh presets with `python -m train.aot` (no TPU
 # needed; libtpu from requirements-dev.txt) and keep the JSON reports under runs/aot/, then
 # rewrite docs/tpu_aot.md's tables from them (`python -m train.aot_tables`). On this 2-core host
-# one 7B train-step compile takes 1-3 minutes; `--find-batch` needs 4-8 of them per recipe.
+# one 7B train-step compile takes 1-4 minutes; `--find-batch` needs 5-8 of them per recipe.
 # Usage: scripts/tpu_aot_tables.sh [NAME ...]   (default: every run below; existing JSONs are kept)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,14 +17,18 @@ declare -A RUNS=(
   [gmod_v5p64]="--config configs/gamma_mod_llava_v15_7b.py $V5P --programs $ALL --find-batch"
   [gmod_hr_v5p64]="--config configs/gamma_mod_llava_hr_7b.py $V5P --programs $ALL --find-batch"
   [gmod_mgm_v5p64]="--config configs/gamma_mod_mgm_hd_7b.py $V5P --programs $ALL --find-batch"
-  [dense_v5e256]="--config configs/llava_v15_7b_stage2.py $V5E --programs $ALL --find-batch"
-  [gmod_v5e256]="--config configs/gamma_mod_llava_v15_7b.py $V5E --programs $ALL --find-batch"
+  [dense_v5e256]="--config configs/llava_v15_7b_stage2.py $V5E --programs $ALL"
+  [gmod_v5e256]="--config configs/gamma_mod_llava_v15_7b.py $V5E --programs $ALL"
   [gmod_v5p64_onehot]="--config configs/gamma_mod_llava_v15_7b.py $V5P --programs train_step,prefill --set model.mod.implementation=onehot"
   [gmod_v5p64_recipe]="--config configs/gamma_mod_llava_v15_7b.py $V5P --programs train_step,prefill"
   [gmod_v5p64_xla]="--config configs/gamma_mod_llava_v15_7b.py $V5P --programs train_step --set model.attention_impl=xla"
+  [dense_v5p64_recipe]="--config configs/llava_v15_7b_stage2.py $V5P --programs train_step"
+  [dense_v5p64_xla]="--config configs/llava_v15_7b_stage2.py $V5P --programs train_step --set model.attention_impl=xla"
+  [dense_v5e256_fb]="--config configs/llava_v15_7b_stage2.py $V5E --programs train_step --find-batch"
+  [gmod_v5e256_fb]="--config configs/gamma_mod_llava_v15_7b.py $V5E --programs train_step --find-batch"
 )
 ORDER=(dense_v5p64 gmod_v5p64 gmod_hr_v5p64 gmod_mgm_v5p64 dense_v5e256 gmod_v5e256 gmod_v5p64_recipe
-       gmod_v5p64_onehot gmod_v5p64_xla)
+       gmod_v5p64_onehot gmod_v5p64_xla dense_v5p64_recipe dense_v5p64_xla dense_v5e256_fb gmod_v5e256_fb)
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
 for name in "${names[@]}"; do

@@ -435,6 +435,8 @@ def run(args) -> dict:
     layout = Layout(args.system_tokens, args.prompt_text_tokens, args.new_tokens, args.infer_batch_per_chip)
     devices = tpu_topology.compile_devices(topology)
     out = {"config": str(args.config), "overrides": list(args.overrides), "topology": topology.describe(),
+           # TPU compiler flags change the compiled program (docs/tpu_aot.md: windowed einsums).
+           "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
            "chip_spec": dataclasses.asdict(topology.chip), "layout": dataclasses.asdict(layout)}
     if args.find_batch:
         per_chip, tried = find_batch(cfg, topology, devices, layout, args.hbm_fraction)

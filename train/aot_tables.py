@@ -41,6 +41,8 @@ def recipe_label(report: dict) -> str:
     kernels = [f"{model['attention_implementation']} attention"]
     if model["mod_layers"]:
         kernels.append(f"{model['mod_implementation']} dispatch")
+    if report.get("libtpu_init_args"):
+        kernels.append(f"`LIBTPU_INIT_ARGS={report['libtpu_init_args']}`")
     return f"{name} ({', '.join(kernels)})"
 
 
