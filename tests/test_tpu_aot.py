@@ -158,6 +158,31 @@ def test_tiny_gamma_mod_compiles_for_tpu(tmp_path):
     assert f"| {train['per_chip_bytes']['total'] / 1e9:.1f} | yes |" in train_row
 
 
+HIGH_RES_RECIPE = """
+from pathlib import Path
+from gmod_jax import config as C
+from train.config import load_recipe
+
+
+def get_config():
+    base = load_recipe(Path({root!r}) / "configs" / "tiny_gamma_mod.py")
+    return base.replace(model=C.gamma_mod(C.{preset}(), "arank_mod", 0.5))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (requirements-dev.txt)")
+@pytest.mark.parametrize("preset", ["tiny_hr", "tiny_mgm"])
+def test_generation_compiles_with_the_models_own_image_shape(tmp_path, preset):
+    """LLaVA-HR and MGM-HD take images of their own size (`pixel_shape`), not CLIP's: the prefill
+    compiled for TPU gets those (a 7B MGM-HD run failed on CLIP's 336 px before)."""
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(HIGH_RES_RECIPE.format(root=str(ROOT), preset=preset))
+    report = _run_aot(["--config", str(recipe), *TINY, "--programs", "prefill"], tmp_path / "out.json")
+    (prefill,) = report["programs"]
+    assert prefill["name"] == "prefill" and prefill["fits"] and prefill["flops"] > 0
+
+
 @pytest.mark.parametrize("per_row, curve", [(3.0, 0.0), (3.0, 0.02), (0.7, 0.0), (50.0, 0.0)])
 def test_find_batch_search_confirms_both_sides(monkeypatch, per_row, curve):
     """The batch search over a fake memory model (affine, or convex so predictions overshoot):

@@ -276,13 +276,12 @@ def generation_reports(target: Target, layout: Layout, hbm_fraction: float,
     rows = shd.batch_sharding(mesh)
     repl = shd.replicated(mesh)
     params = target.program.spec.abstract["params"]
-    v = model.vision
 
     def sds(shape, dtype, sharding=rows):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
-    prefill_args = (params, sds((batch, t), jnp.int32), sds((batch, v.image_size, v.image_size, v.num_channels),
-                                                              jnp.float32),
+    # The model's own input image shape: LLaVA-HR's S x S pixels, MGM-HD's aux image, not CLIP's size.
+    prefill_args = (params, sds((batch, t), jnp.int32), sds((batch, *model.pixel_shape), jnp.float32),
                     sds((batch, t), jnp.bool_), sds((batch, t), jnp.int32))
     shapes = {"batch": batch, "prompt_len": t, "new_slots": spec.new_slots, "mod_capacity": spec.mod_capacity,
               "mesh": dict(mesh.shape)}
