@@ -25,11 +25,15 @@ declare -A RUNS=(
   [gmod_v5p64_xla]="--config configs/gamma_mod_llava_v15_7b.py $V5P --programs train_step --set model.attention_impl=xla"
   [dense_v5p64_recipe]="--config configs/llava_v15_7b_stage2.py $V5P --programs train_step"
   [dense_v5p64_xla]="--config configs/llava_v15_7b_stage2.py $V5P --programs train_step --set model.attention_impl=xla"
+  # At the batches the HR / MGM-HD searches reached on 2026-12-07 (docs/tpu_aot.md).
+  [gmod_hr_v5p64_b19]="--config configs/gamma_mod_llava_hr_7b.py $V5P --programs $ALL --set global_batch=1216"
+  [gmod_mgm_v5p64_b9]="--config configs/gamma_mod_mgm_hd_7b.py $V5P --programs $ALL --set global_batch=576"
   [dense_v5e256_fb]="--config configs/llava_v15_7b_stage2.py $V5E --programs train_step --find-batch"
   [gmod_v5e256_fb]="--config configs/gamma_mod_llava_v15_7b.py $V5E --programs train_step --find-batch"
 )
 ORDER=(dense_v5p64 gmod_v5p64 gmod_hr_v5p64 gmod_mgm_v5p64 dense_v5e256 gmod_v5e256 gmod_v5p64_recipe
-       gmod_v5p64_onehot gmod_v5p64_xla dense_v5p64_recipe dense_v5p64_xla dense_v5e256_fb gmod_v5e256_fb)
+       gmod_v5p64_onehot gmod_v5p64_xla dense_v5p64_recipe dense_v5p64_xla gmod_hr_v5p64_b19 gmod_mgm_v5p64_b9
+       dense_v5e256_fb gmod_v5e256_fb)
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
 for name in "${names[@]}"; do
