@@ -164,7 +164,8 @@ def constrain_batch(x):
     shardings by propagation, and the params' FSDP sharding of `embed` can win over the inputs'
     batch sharding: a 7B train step compiled for TPU then held the whole batch's activations on
     every chip, split over the hidden dimension, and all-reduced them at every layer
-    (docs/tpu_aot.md). The decoder and the vision tower pin their layer inputs with this."""
+    (docs/tpu_aot.md). The decoder and the vision towers (CLIP, multi-path, ConvNeXt) pin their
+    layer inputs with this."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return x
