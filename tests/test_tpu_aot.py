@@ -172,11 +172,11 @@ def get_config():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (requirements-dev.txt)")
-def test_generation_compiles_with_the_models_own_image_shape(tmp_path, preset="tiny_mgm"):
+def test_generation_compiles_with_the_models_own_image_shape(tmp_path):
     """MGM-HD (like LLaVA-HR) takes images of its own size (`pixel_shape`: the aux image), not
     CLIP's: the prefill compiled for TPU gets that (a 7B MGM-HD run failed on CLIP's 336 px)."""
     recipe = tmp_path / "recipe.py"
-    recipe.write_text(HIGH_RES_RECIPE.format(root=str(ROOT), preset=preset))
+    recipe.write_text(HIGH_RES_RECIPE.format(root=str(ROOT), preset="tiny_mgm"))
     report = _run_aot(["--config", str(recipe), *TINY, "--programs", "prefill"], tmp_path / "out.json")
     (prefill,) = report["programs"]
     assert prefill["name"] == "prefill" and prefill["fits"] and prefill["flops"] > 0

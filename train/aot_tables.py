@@ -38,12 +38,12 @@ def load_reports(directory: str | Path) -> list[dict]:
 def recipe_label(report: dict) -> str:
     model = report["model"]
     name = RECIPES.get(Path(report["config"]).stem, Path(report["config"]).stem)
-    kernels = [f"{model['attention_implementation']} attention"]
+    choices = [f"{model['attention_implementation']} attention"]  # what changes the compiled program
     if model["mod_layers"]:
-        kernels.append(f"{model['mod_implementation']} dispatch")
+        choices.append(f"{model['mod_implementation']} dispatch")
     if report.get("libtpu_init_args"):
-        kernels.append(f"`LIBTPU_INIT_ARGS={report['libtpu_init_args']}`")
-    return f"{name} ({', '.join(kernels)})"
+        choices.append(f"`LIBTPU_INIT_ARGS={report['libtpu_init_args']}`")
+    return f"{name} ({', '.join(choices)})"
 
 
 def _collectives(program: dict) -> str:

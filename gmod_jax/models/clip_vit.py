@@ -57,6 +57,7 @@ class ClipVisionTower(nn.Module):
 
 def encoder_layer(config: ModelConfig, p, x):
     v, dtype = config.vision, DTYPES[config.dtype]
+    x = constrain_batch(x)  # under a mesh: batch-sharded activations (see sharding.constrain_batch)
     h = layer_norm(x, p["ln1"]["scale"], p["ln1"]["bias"], v.layer_norm_eps)
     q = project(h, p["attn"]["q"], "btd,dhk->bthk", dtype)
     k = project(h, p["attn"]["k"], "btd,dhk->bthk", dtype)
@@ -89,7 +90,7 @@ def vision_features(config: ModelConfig, p, pixel_values):
     collect = len(wanted) > 1 or 0 in wanted
 
     def step(h, layer_params):
-        h = encoder_layer(config, layer_params, constrain_batch(h))
+        h = encoder_layer(config, layer_params, h)
         return h, (h if collect else None)
 
     last, outs = jax.lax.scan(step, x, stack)

@@ -32,7 +32,6 @@ from gmod_jax.layers.norms import layer_norm
 from gmod_jax.models.clip_vit import ClipVisionTower, encoder_layer
 from gmod_jax.models.convnext import conv2d, convnext_stages, init_convnext
 from gmod_jax.models.llama import _remat
-from gmod_jax.sharding import constrain_batch
 
 N_ADAPTERS = 3  # after the first three quarters of the CLIP layers
 
@@ -223,7 +222,7 @@ def multipath_features(config: ModelConfig, p, pixel_values):
     slow = convnext_stages(v.slow, p["slow"], x, dtype, remat)[-1]
 
     def step(h, layer_params):
-        return encoder_layer(config, layer_params, constrain_batch(h)), None
+        return encoder_layer(config, layer_params, h), None
 
     step = remat(step)
     groups = jax.tree.map(lambda a: a.reshape(4, a.shape[0] // 4, *a.shape[1:]), p["layers"])
