@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Compile every shipped 7B recipe for its TPU mesh presets with `python -m train.aot` (no TPU
-# needed; libtpu from requirements-dev.txt) and keep the JSON reports under runs/aot/, then
-# rewrite docs/tpu_aot.md's tables from them (`python -m train.aot_tables`). On this 2-core host
+# needed; libtpu from requirements-dev.txt) and keep the JSON reports in docs/tpu_aot_reports/
+# (committed: they are the measurements the tables are rendered from, a few KB each; the compiler
+# logs go to runs/aot-logs/), then rewrite docs/tpu_aot.md's tables from them
+# (`python -m train.aot_tables`). On this 2-core host
 # one 7B train-step compile takes 1-4 minutes; `--find-batch` needs 5-8 of them per recipe.
 # Runs go one at a time: a 7B LLaVA-HR step at ~20 rows/chip peaks at ~14 GB of host RSS.
 # Usage: scripts/tpu_aot_tables.sh [NAME ...]   (default: every run below; existing JSONs are kept)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-OUT=${AOT_OUT:-runs/aot}
-mkdir -p "$OUT"
+OUT=${AOT_OUT:-docs/tpu_aot_reports}
+LOGS=${AOT_LOGS:-runs/aot-logs}
+mkdir -p "$OUT" "$LOGS"
 V5P="--topology v5p-64 --mesh configs/mesh_tpu_v5p_64.py"
 V5E="--topology v5e-256 --mesh configs/mesh_tpu_v5e_256_tp.py"
 ALL="train_step,prefill,decode_step"
@@ -41,7 +44,7 @@ for name in "${names[@]}"; do
   if [ -s "$OUT/$name.json" ]; then echo "== $name: kept $OUT/$name.json"; continue; fi
   echo "== $name: python -m train.aot ${RUNS[$name]}"
   # shellcheck disable=SC2086
-  "$PY" -m train.aot ${RUNS[$name]} --json "$OUT/$name.json.part" > "$OUT/$name.log" 2>&1
+  "$PY" -m train.aot ${RUNS[$name]} --json "$OUT/$name.json.part" > "$LOGS/$name.log" 2>&1
   mv "$OUT/$name.json.part" "$OUT/$name.json"
 done
 "$PY" -m train.aot_tables "$OUT" --markdown docs/tpu_aot.md

@@ -1,6 +1,7 @@
 """`python -m demo` and `python -m demo.ablation` end to end at a drastically reduced
 size (configs/demo_smoke.py): every stage runs through the real train / ARank / convert / eval /
-visualize code, all artefacts and report sections exist, and a second run reuses every stage."""
+visualize code, all artefacts and report sections exist, the ablation reuses the demo's stages,
+and a second demo run reuses every stage."""
 
 from __future__ import annotations
 
@@ -70,6 +71,19 @@ def test_demo_smoke_end_to_end_and_cache(tmp_path):
     assert o["background"] + o["objects"] == len(mod_layers) * cfg.routing_samples * 4  # 2x2 patches per image
     assert "| MoD layer | background patches skipped |" in report and "| **all MoD layers** |" in report
     assert any("background patches" in c["what"] for c in summary["criteria"])
+
+    # The ablation command on the same demo workdir: it reuses the demo's upstream stages (data,
+    # tower, pre-training, dense model, ARank) and runs only its rows.
+    out = ablation.main(["--workdir", str(tmp_path / "ablation"), "--demo-workdir", str(tmp_path),
+                         "--steps", "1", "--only", "dense_ft", "all_layers"], config=cfg, echo=lambda s: None)
+    rows = {r["name"]: r for r in out["rows"]}
+    assert set(rows) == {"dense_ft", "all_layers"}
+    assert rows["all_layers"]["mod_layers"] == list(range(cfg.model.text.num_layers))
+    assert rows["dense_ft"]["prefill_skip_ratio"] == 0.0
+    assert rows["all_layers"]["paper_gflops"] <= rows["dense_ft"]["paper_gflops"]
+    table = (tmp_path / "ablation" / "ablation.md").read_text()
+    assert "| MoD layer | All layers |" in table and "| Dense |" in table
+    assert json.loads((tmp_path / "ablation" / "ablation.json").read_text())["steps"] == 1
 
     # Second run: every stage comes from its stamp; only the report is rewritten.
     lines.clear()
@@ -146,20 +160,6 @@ def test_question_kinds_cover_every_generated_question():
             assert kind in demo.QUESTION_FAMILIES, turn["value"]
             kinds.add(kind)
     assert kinds == set(demo.QUESTION_FAMILIES)
-
-
-def test_ablation_smoke(tmp_path):
-    cfg = demo.load_config(SMOKE)
-    out = ablation.main(["--workdir", str(tmp_path / "ablation"), "--demo-workdir", str(tmp_path / "demo"),
-                         "--steps", "1", "--only", "dense_ft", "all_layers"], config=cfg, echo=lambda s: None)
-    rows = {r["name"]: r for r in out["rows"]}
-    assert set(rows) == {"dense_ft", "all_layers"}
-    assert rows["all_layers"]["mod_layers"] == list(range(cfg.model.text.num_layers))
-    assert rows["dense_ft"]["prefill_skip_ratio"] == 0.0
-    assert rows["all_layers"]["paper_gflops"] <= rows["dense_ft"]["paper_gflops"]
-    table = (tmp_path / "ablation" / "ablation.md").read_text()
-    assert "| MoD layer | All layers |" in table and "| Dense |" in table
-    assert json.loads((tmp_path / "ablation" / "ablation.json").read_text())["steps"] == 1
 
 
 def test_ablation_rows_that_coincide_share_a_run():
