@@ -100,6 +100,12 @@ class FlopCount:
     def total(self) -> float:
         return self.vision + self.projector + self.llm
 
+    @property
+    def useful(self) -> float:
+        """`total` less the one-hot dispatch einsums: the work every MoD implementation does, the
+        MFU numerator (counting dispatch would credit `onehot` with FLOPs `gather` never needs)."""
+        return self.total - self.dispatch
+
     def __add__(self, other: "FlopCount") -> "FlopCount":
         return FlopCount(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)})
 

@@ -185,3 +185,23 @@ def test_train_flops_follow_freezing():
     stage1 = train_flops.train_step_flops(model, 128, 2496, 2191, train_flops.Trainable(False, True, False))
     np.testing.assert_allclose(stage1, fwd.vision + 3 * fwd.projector + 2 * fwd.llm, rtol=1e-12)
     assert train_flops.peak_tflops("TPU v5p") == 459.0 and train_flops.peak_tflops("cpu") is None
+
+
+def test_mfu_numerator_does_not_count_the_onehot_dispatch():
+    """The one-hot MoD dispatch costs real FLOPs (the executed count and the FLOP bound include
+    them) but is not model work: the MFU numerator is the same for `gather` and `onehot`, so the
+    two implementations' MFU compares their speed, not their FLOP counts."""
+    from gmod_jax import flops as model_flops
+    from train import flops as train_flops
+
+    gather = load_recipe(CONFIGS / "gamma_mod_llava_v15_7b.py").model
+    onehot = dataclasses.replace(gather, mod=dataclasses.replace(gather.mod, implementation="onehot"))
+    executed = {m: model_flops.forward_flops(m, 8, 2496, kept=2191, logits="all") for m in (gather, onehot)}
+    assert executed[gather].dispatch == 0 < executed[onehot].dispatch
+    assert executed[onehot].total == pytest.approx(executed[gather].total + executed[onehot].dispatch)
+    assert executed[onehot].useful == pytest.approx(executed[gather].useful)
+    parts = train_flops.Trainable(False, True, True)
+    assert train_flops.train_step_flops(onehot, 8, 2496, 2191, parts) == pytest.approx(
+        train_flops.train_step_flops(gather, 8, 2496, 2191, parts), rel=1e-12)
+    prefill = {m: model_flops.prefill_flops(m, 1, 768, 500) for m in (gather, onehot)}
+    assert prefill[onehot].total > prefill[gather].total and prefill[onehot].useful == pytest.approx(prefill[gather].useful)

@@ -292,7 +292,7 @@ def generation_reports(target: Target, layout: Layout, hbm_fraction: float,
             return gen.prefill_jit.lower(*prefill_args, config=model, spec=spec)
 
     prefill, compiled = compile_report(PREFILL, lower_prefill, target.topology,
-                                       model_flops.prefill_flops(model, batch, t, kept).total, shapes, hbm_fraction,
+                                       model_flops.prefill_flops(model, batch, t, kept).useful, shapes, hbm_fraction,
                                        dump_dir)
     reports = [prefill]
     if compiled is None:
@@ -309,7 +309,7 @@ def generation_reports(target: Target, layout: Layout, hbm_fraction: float,
             return gen.decode_jit.lower(*decode_args, config=model, spec=spec)
 
     # One loop iteration = one token per row (decode_flops counts new_tokens - 1 steps).
-    per_token = model_flops.decode_flops(model, batch, t, 2, mod_capacity=spec.mod_capacity).total
+    per_token = model_flops.decode_flops(model, batch, t, 2, mod_capacity=spec.mod_capacity).useful
     reports.append(compile_report(DECODE, lower_decode, target.topology, per_token, shapes, hbm_fraction,
                                   dump_dir)[0])
     return reports

@@ -7,7 +7,8 @@ trained); here each part's backward is charged by what actually needs gradients:
 for activation gradients when anything upstream (or the part itself) trains, one more for weight
 gradients when the part trains. Stage 1 (projector only) thus pays 2x for the frozen LLM (its
 activation gradients carry the signal back to the projector) and 1x for the vision tower.
-Rematerialisation is not counted: MFU is about model FLOPs.
+Rematerialisation and the `onehot` MoD dispatch einsums are not counted: MFU is about model
+FLOPs, the same for every implementation.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def train_step_flops(cfg: ModelConfig, batch: int, seq_len: int, capacity: int |
     fwd = model_flops.forward_flops(cfg, batch, seq_len, kept=capacity, logits="all")
     return (fwd.vision * _multiplier(trainable.vision, False)
             + fwd.projector * _multiplier(trainable.projector, trainable.vision)
-            + fwd.llm * _multiplier(trainable.llm, trainable.projector or trainable.vision))
+            + (fwd.llm - fwd.dispatch) * _multiplier(trainable.llm, trainable.projector or trainable.vision))
 
 
 def peak_tflops(device_kind: str) -> float | None:
