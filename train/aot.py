@@ -320,7 +320,8 @@ def with_batch_per_chip(cfg, per_chip: int, batch_shards: int):
     return cfg.replace(global_batch=per_chip * batch_shards * cfg.optim.grad_accum_steps)
 
 
-def find_batch(cfg, topology, devices, layout: Layout, hbm_fraction: float, limit: int = 1024):
+def find_batch(cfg, topology, devices, layout: Layout, hbm_fraction: float, limit: int = 1024,
+               start: int | None = None):
     """Largest per-chip micro-batch whose train step fits in `hbm_fraction` of HBM, by compiling.
 
     Each compile of a 7B step takes minutes, so candidates are predicted rather than doubled:
@@ -328,7 +329,9 @@ def find_batch(cfg, topology, devices, layout: Layout, hbm_fraction: float, limi
     fitting sizes the next candidate is the largest batch the line through the two largest fitting
     points allows, kept strictly between the largest fitting and the smallest failing size. The
     search ends when those two are adjacent, so the answer is always confirmed by a compile on
-    each side (4 compiles when memory is affine in the batch). Returns (per_chip or 0, every tried report by size)."""
+    each side (4 compiles when memory is affine in the batch). `start` (e.g. an earlier answer)
+    is compiled first, then its neighbour: 2 compiles when it is still the answer. Returns
+    (per_chip or 0, every tried report by size)."""
     from gmod_jax import sharding as shd
 
     shards = shd.batch_shard_count(shd.make_mesh(cfg.mesh, devices))
@@ -340,16 +343,20 @@ def find_batch(cfg, topology, devices, layout: Layout, hbm_fraction: float, limi
         tried[b] = train_step_report(target, layout, hbm_fraction)[0]
         return tried[b].fits
 
-    if not fits(1):
+    lo, hi = 1, None
+    if start is not None and start > 1:
+        if fits(start):
+            lo = start
+        else:
+            hi = start
+    if not (lo > 1 or fits(1)):
         return 0, tried
-    lo, hi, b = 1, None, 2
-    while b <= limit:
+    b = lo + 1 if hi is None or hi - lo <= 1 else _next_candidate(lo, hi, tried, budget)
+    while b <= limit and (hi is None or hi - lo > 1):
         if fits(b):
             lo = b
         else:
             hi = b
-        if hi is not None and hi - lo <= 1:
-            break
         b = _next_candidate(lo, hi, tried, budget)
     return lo, tried
 
@@ -407,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma-separated subset of {PROGRAMS}")
     p.add_argument("--find-batch", action="store_true",
                    help="search the largest per-chip train batch that fits, report the step at that batch")
+    p.add_argument("--find-batch-from", type=int, default=None, metavar="N",
+                   help="start the search at N rows per chip (e.g. an earlier answer): 2 compiles when N "
+                        "still fits and N + 1 does not")
     p.add_argument("--hbm-fraction", type=float, default=0.95, help="a program fits in this share of HBM")
     p.add_argument("--system-tokens", type=int, default=Layout.system_tokens)
     p.add_argument("--prompt-text-tokens", type=int, default=Layout.prompt_text_tokens)
@@ -438,7 +448,7 @@ def run(args) -> dict:
            "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
            "chip_spec": dataclasses.asdict(topology.chip), "layout": dataclasses.asdict(layout)}
     if args.find_batch:
-        per_chip, tried = find_batch(cfg, topology, devices, layout, args.hbm_fraction)
+        per_chip, tried = find_batch(cfg, topology, devices, layout, args.hbm_fraction, start=args.find_batch_from)
         # Rows per batch shard (data x fsdp) in each micro-batch: per chip when tensor=1.
         out["find_batch"] = {"per_shard_batch": per_chip, "tried": {
             b: {"fits": r.fits, "total_bytes": (r.per_chip_bytes or {}).get("total"), "error": r.error}
