@@ -327,7 +327,8 @@ def find_batch(cfg, topology, devices, layout: Layout, hbm_fraction: float, limi
     Each compile of a 7B step takes minutes, so candidates are predicted rather than doubled:
     per-chip memory is close to affine in the batch (state + rows x activations), so after two
     fitting sizes the next candidate is the largest batch the line through the two largest fitting
-    points allows, kept strictly between the largest fitting and the smallest failing size. The
+    points allows (once a size fails, the line between it and the largest fitting one), kept
+    strictly between the largest fitting and the smallest failing size. The
     search ends when those two are adjacent, so the answer is always confirmed by a compile on
     each side (4 compiles when memory is affine in the batch). `start` (e.g. an earlier answer)
     is compiled first, then its neighbour: 2 compiles when it is still the answer. Returns
@@ -362,18 +363,26 @@ def find_batch(cfg, topology, devices, layout: Layout, hbm_fraction: float, limi
 
 
 def _next_candidate(lo: int, hi: int | None, tried: dict, budget: float) -> int:
-    points = sorted((b, r.per_chip_bytes["total"]) for b, r in tried.items() if r.fits and r.per_chip_bytes)
+    known = {b: r.per_chip_bytes["total"] for b, r in tried.items() if r.per_chip_bytes}
+    points = sorted((b, m) for b, m in known.items() if tried[b].fits)
     guess = 2 * lo
-    if len(points) >= 2:
+    bracketed = hi in known and lo in known and known[hi] > known[lo]
+    if bracketed:
+        # Two compiles whose memory is known (a step that does not fit still reports it) on
+        # either side: the line between them. Under a convex memory curve it errs low, to a size
+        # that fits.
+        guess = lo + int((budget - known[lo]) // ((known[hi] - known[lo]) / (hi - lo)))
+    elif len(points) >= 2:
         (b0, m0), (b1, m1) = points[-2], points[-1]
         per_row = (m1 - m0) / (b1 - b0)
         if per_row > 0:
             guess = b1 + int((budget - m1) // per_row)
     if hi is None:
         return max(guess, lo + 1)
-    # Keep the candidate off the interval's ends so a poor prediction still shrinks it by a
-    # quarter (bisection's guarantee, nearly); adjacent sizes are probed once the gap is small.
-    margin = max(1, (hi - lo) // 4)
+    # Keep the candidate off the interval's ends so a poor prediction still shrinks it: by a
+    # quarter after an extrapolation (bisection's guarantee, nearly), by a sixteenth after an
+    # interpolation, which is rarely far off; adjacent sizes are probed once the gap is small.
+    margin = max(1, (hi - lo) // (16 if bracketed else 4))
     return min(max(guess, lo + margin), hi - margin)
 
 
