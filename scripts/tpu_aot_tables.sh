@@ -5,7 +5,7 @@
 # logs go to runs/aot-logs/), then rewrite docs/tpu_aot.md's tables from them
 # (`python -m train.aot_tables`). On this 2-core host
 # one 7B train-step compile takes 1-4 minutes; `--find-batch` needs 5-8 of them per recipe.
-# Runs go one at a time: a 7B LLaVA-HR step at ~20 rows/chip peaks at ~14 GB of host RSS.
+# Runs go one at a time: a 7B LLaVA-HR step at 22-23 rows/chip peaks at ~17 GB of host RSS.
 # Usage: scripts/tpu_aot_tables.sh [NAME ...]   (default: every run below; existing JSONs are kept)
 set -euo pipefail
 cd "$(dirname "$0")/.."
