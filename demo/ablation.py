@@ -76,7 +76,11 @@ def resolve(row: Row, cfg: DemoConfig, prep: Prepared, arank_layers: tuple[int, 
     if row.routing_ratio is not None:
         kw["routing_ratio"] = row.routing_ratio
     kw["shared_router"] = row.shared_router
-    return {"layers": tuple(layers), "mod": kw}
+    settings = {"layers": tuple(layers), "mod": kw}
+    if cfg.router_start != "random":  # every row starts its router as the demo does (the official
+        # random start adds no key, so runs finished before the option existed stay cached)
+        settings["start"] = {"router_start": cfg.router_start, "router_start_samples": cfg.router_start_samples}
+    return settings
 
 
 def run_key(settings: dict, present_types: frozenset[int]) -> str:
@@ -85,8 +89,8 @@ def run_key(settings: dict, present_types: frozenset[int]) -> str:
     `question_answer` on image-only data)."""
     mod = dict(settings["mod"])
     routable = frozenset(tt.MASKING_PRESETS[mod.pop("masking")]) & present_types
-    return json.dumps({"layers": list(settings["layers"]), "routable": sorted(routable), **mod}, sort_keys=True,
-                      default=str)
+    return json.dumps({"layers": list(settings["layers"]), "routable": sorted(routable), **mod,
+                       **settings.get("start", {})}, sort_keys=True, default=str)
 
 
 def run_ablation(cfg: DemoConfig, workdir: str | os.PathLike, demo_workdir: str | os.PathLike, steps: int | None,
@@ -135,7 +139,7 @@ def run_ablation(cfg: DemoConfig, workdir: str | os.PathLike, demo_workdir: str 
         if run == row.name:
             stages.run(f"adapt_{run}", settings, [paths.ckpt(f"{run}_init") / "config.json"],
                        lambda s=settings, run=run: adapt_stage(prep, paths.ckpt(f"{run}_init"), s["layers"], cfg.seed,
-                                                               **s["mod"]), deps=("dense",))
+                                                               **s.get("start", {}), **s["mod"]), deps=("dense",))
             finetune_stage(stages, prep, cfg.finetune, f"ft_{run}", paths.ckpt(f"{run}_init"), paths.train(run),
                            paths.ckpt(run), (f"adapt_{run}", "tfds"), num_steps=steps)
         ev = evaluate(run, paths.ckpt(run), f"ft_{run}")

@@ -207,7 +207,10 @@ def write_report(root: Path, cfg, s: dict) -> Path:
             + (["row, column"] if placed is not None else [])
         add(f"| vision tower (CLIP's stand-in) | {'; '.join(labels)} per patch | random | vision tower, linear read-outs "
             f"| {vs['steps']} × {vs['batch']} | {vcfg.lr:g}, cosine | {vs['loss'][-1][1]:.4f} (held-out patches "
-            f"{vs['heldout_token_accuracy']:.1%} right" + (f", attributes {named:.1%}" if named is not None else "")
+            f"{vs['heldout_token_accuracy']:.1%} right"
+            + (f", object patches {vs['heldout_object_token_accuracy']:.1%}"
+               if vs.get("heldout_object_token_accuracy") is not None else "")
+            + (f", attributes {named:.1%}" if named is not None else "")
             + (f", placed {placed:.1%}" if placed is not None else "") + f") | – | – | {st['vision']:.0f} s |")
     if s.get("pretrain") and cfg.pretrain is not None:
         pt, pcfg = s["pretrain"], cfg.pretrain

@@ -129,7 +129,9 @@ def redundancy_router(config, params, mod_layers, tokenizer, model, train_json: 
     routable = mask & np.isin(types, (tt.SYSTEM, tt.IMAGE))
     direction = redundancy_direction(inputs, routable)
     like = np.asarray(params["llm"]["mod_router"]["kernel"])
-    kernel = router_kernel_from_direction(direction, like)
+    kernel = router_kernel_from_direction(direction, like if like.ndim == 2 else like[0])
+    if like.ndim == 3:  # per-layer routers (the ablation's "not shared" row): each starts from the same direction
+        kernel = np.broadcast_to(kernel, like.shape).copy()
     score = inputs @ direction
     info = {"samples": len(ids), "layer": first,
             "mean_score_by_type": {tt.NAMES[t]: float(score[mask & (types == t)].mean()) for t in (tt.SYSTEM, tt.IMAGE)}}

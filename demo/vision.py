@@ -103,6 +103,18 @@ def load_split(records: list[dict], data_dir: Path, config: ModelConfig,
     return pixels, np.where(cells[None] >= 0, labels, -1).astype(np.int32)
 
 
+def content_accuracy(right: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
+    """Held-out accuracies of the content read-out. right: bool [N, tokens], the prediction
+    matched; labels: [N, tokens] `load_split` labels (-1: no label, 0: empty, > 0: a shape).
+    The object-token accuracy is reported on its own because most tokens are empty background,
+    which is easy: on 64-patch scenes 95.5% of all tokens but only 72% of the object tokens were
+    named right, and the LLM answered shape questions at chance (docs/demo.md)."""
+    labelled, objects = labels >= 0, labels > 0
+    return {"heldout_token_accuracy": float(right[labelled].mean()),
+            "heldout_image_accuracy": float((right | ~labelled).all(axis=1).mean()),
+            "heldout_object_token_accuracy": float(right[objects].mean()) if objects.any() else None}
+
+
 def pretrain_vision(config: ModelConfig, vision_params: dict, train: tuple[np.ndarray, np.ndarray],
                     heldout: tuple[np.ndarray, np.ndarray], cfg: VisionPretrainConfig, synthetic: SyntheticConfig,
                     echo: Callable[[str], None] = print) -> tuple[dict, dict]:
@@ -187,9 +199,7 @@ def pretrain_vision(config: ModelConfig, vision_params: dict, train: tuple[np.nd
     def all_right(names):  # per token: every read-out in `names` right
         return np.all([pred[name] == truth[name] for name in names], axis=0)
 
-    right = all_right(["head"])
-    stats = {"loss": losses, "heldout_token_accuracy": float(right[labelled].mean()),
-             "heldout_image_accuracy": float((right | ~labelled).all(axis=1).mean()),
+    stats = {"loss": losses, **content_accuracy(all_right(["head"]), y_eval),
              "seconds": time.perf_counter() - t0, "steps": cfg.steps, "batch": cfg.batch}
     if place_labels:  # both the row and the column named right
         stats["heldout_position_accuracy"] = float(all_right(place_labels)[labelled].mean())
@@ -211,7 +221,9 @@ def vision_stage(config: ModelConfig, cfg: VisionPretrainConfig, synthetic: Synt
     vision, stats = pretrain_vision(config, model.params["vision"], train, heldout, cfg, synthetic, echo)
     save_checkpoint(out_dir, {**model.params, "vision": vision}, config, tokenizer_src_dir=tokenizer_dir,
                     overwrite=True)
-    echo(f"  vision tower: held-out token accuracy {stats['heldout_token_accuracy']:.1%}, "
+    objects = stats["heldout_object_token_accuracy"]
+    echo(f"  vision tower: held-out token accuracy {stats['heldout_token_accuracy']:.1%}"
+         + (f" (object tokens {objects:.1%})" if objects is not None else "") + ", "
          f"every token of an image right {stats['heldout_image_accuracy']:.1%}"
          + (f", row and column right {stats['heldout_position_accuracy']:.1%}"
             if "heldout_position_accuracy" in stats else ""))

@@ -5,10 +5,14 @@ and a second demo run reuses every stage."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+import gmod_jax
 
 from demo import ablation
 from demo import pipeline as demo
@@ -74,10 +78,18 @@ def test_demo_smoke_end_to_end_and_cache(tmp_path):
 
     # The ablation command on the same demo workdir: it reuses the demo's upstream stages (data,
     # tower, pre-training, dense model, ARank) and runs only its rows.
+    # Its rows start the router as the demo config says: here the redundancy start, which per-layer
+    # routers ("not_shared") take too, every layer from the same direction.
     out = ablation.main(["--workdir", str(tmp_path / "ablation"), "--demo-workdir", str(tmp_path),
-                         "--steps", "1", "--only", "dense_ft", "all_layers"], config=cfg, echo=lambda s: None)
+                         "--steps", "1", "--only", "dense_ft", "all_layers", "not_shared",
+                         "--set", "router_start=redundancy"], config=cfg, echo=lambda s: None)
     rows = {r["name"]: r for r in out["rows"]}
-    assert set(rows) == {"dense_ft", "all_layers"}
+    assert set(rows) == {"dense_ft", "all_layers", "not_shared"}
+    per_layer = np.asarray(gmod_jax.load(str(tmp_path / "ablation/ckpt/not_shared_init")).params["llm"]["mod_router"]
+                           ["kernel"])
+    assert per_layer.ndim == 3 and len(per_layer) > 1  # (a random init differs per layer)
+    for layer in per_layer[1:]:
+        np.testing.assert_array_equal(layer, per_layer[0])
     assert rows["all_layers"]["mod_layers"] == list(range(cfg.model.text.num_layers))
     assert rows["dense_ft"]["prefill_skip_ratio"] == 0.0
     assert rows["all_layers"]["paper_gflops"] <= rows["dense_ft"]["paper_gflops"]
@@ -174,6 +186,14 @@ def test_ablation_rows_that_coincide_share_a_run():
     keys = {r.name: ablation.run_key(ablation.resolve(r, cfg, _Prep, (1, 2)), present) for r in ablation.ROWS}
     assert keys["arank"] == keys["shared"] == keys["ratio_50"] == keys["mask_qa"]  # official == Q+A on image data
     assert len({keys[n] for n in ("mask_none", "mask_q", "not_shared", "all_layers", "every_2nd", "ratio_17")}) == 6
+    # The demo's router start goes into every row's adaptation (and its run key); the official
+    # random start adds nothing, so runs finished before the option existed stay cached.
+    assert all("start" not in ablation.resolve(r, cfg, _Prep, (1, 2)) for r in ablation.ROWS)
+    redundancy = dataclasses.replace(cfg, router_start="redundancy")
+    start = ablation.resolve(ablation.ROWS[0], redundancy, _Prep, (1, 2))["start"]
+    assert start == {"router_start": "redundancy", "router_start_samples": cfg.router_start_samples}
+    assert ablation.run_key(ablation.resolve(ablation.ROWS[0], redundancy, _Prep, (1, 2)), present) \
+        != keys[ablation.ROWS[0].name]
 
 
 @pytest.mark.parametrize("text,kind", [("What color is the star?", "color"),

@@ -11,7 +11,7 @@ from gmod_jax.data.synthetic import SyntheticConfig, make_sample, patch_object_m
 from demo import pipeline as demo
 from demo.patches import patch_skip_shares
 
-PATCHES_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_patches.py"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_default.py"
 
 
 def test_patch_map_of_a_hand_placed_square():
@@ -108,7 +108,7 @@ def test_skip_shares_match_the_oracle_on_random_masks():
 
 
 def test_patch_criterion_needs_both_the_skip_and_the_background_share():
-    cfg = demo.load_config(PATCHES_CONFIG)
+    cfg = demo.load_config(DEFAULT_CONFIG)
 
     def verdict(image_skipped, share):
         return demo.patch_criteria(cfg, {"overall": {"image_skipped": image_skipped, "background_share": share,
@@ -118,8 +118,8 @@ def test_patch_criterion_needs_both_the_skip_and_the_background_share():
     assert demo.patch_criteria(cfg, None) == []
 
 
-def test_patches_config_sees_each_scene_patch_as_one_image_token():
-    cfg = demo.load_config(PATCHES_CONFIG)
+def test_default_config_sees_each_scene_patch_as_one_image_token():
+    cfg = demo.load_config(DEFAULT_CONFIG)
     v = cfg.model.vision
     assert v.image_size // v.patch_size == cfg.synthetic.patch_grid == 8
     assert cfg.synthetic.image_size == v.image_size and cfg.synthetic.grid == 4  # 2x2 patches per cell

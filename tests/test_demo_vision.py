@@ -9,8 +9,8 @@ import gmod_jax
 from gmod_jax import config as C
 from gmod_jax.api import init_random
 from gmod_jax.data.synthetic import SyntheticConfig, write_synthetic_dataset
-from demo.vision import (VisionPretrainConfig, attribute_labels, cell_labels, load_split, num_cell_classes,
-                                  pretrain_vision, token_cells, vision_stage)
+from demo.vision import (VisionPretrainConfig, attribute_labels, cell_labels, content_accuracy, load_split,
+                         num_cell_classes, pretrain_vision, token_cells, vision_stage)
 
 SYN = SyntheticConfig(image_size=28, grid=2, min_objects=1, max_objects=3, shapes=("circle", "square"),
                       colors=("red", "blue", "green"), max_turns=1, text_only_fraction=0.0)
@@ -45,6 +45,18 @@ def test_attribute_labels_name_the_shape_colour_and_size_of_each_class():
                 assert parts["size"].tolist() == [0, 1 + ("small", "large").index(size), 0, 0, -1]
 
 
+def test_content_accuracy_reports_object_tokens_apart_from_the_empty_ones():
+    labels = np.array([[0, 0, 0, 5, -1],   # image 0: three empty tokens, one shape, a CLS token
+                       [2, 0, 7, 0, -1]])  # image 1: two shapes
+    right = np.array([[True, True, True, False, False],
+                      [True, True, False, True, False]])
+    acc = content_accuracy(right, labels)
+    assert acc["heldout_token_accuracy"] == pytest.approx(6 / 8)  # the CLS tokens carry no label
+    assert acc["heldout_object_token_accuracy"] == pytest.approx(1 / 3)
+    assert acc["heldout_image_accuracy"] == 0.0
+    assert content_accuracy(right, np.where(labels > 0, 0, labels))["heldout_object_token_accuracy"] is None
+
+
 def test_each_patch_token_is_labelled_with_the_cell_under_its_centre():
     # 28 px, patch 7: a 4x4 token grid over a 2x2 cell grid, two token rows/columns per cell.
     assert token_cells(MODEL, SYN).reshape(4, 4).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
@@ -74,6 +86,7 @@ def test_pretraining_learns_the_cells_and_only_touches_the_tower(dataset, tmp_pa
     vision, stats = pretrain_vision(MODEL, model.params["vision"], train, heldout, cfg, SYN, echo=lambda s: None)
     assert stats["loss"][-1][1] < 0.5 * stats["loss"][0][1]
     assert stats["heldout_token_accuracy"] > _majority_accuracy(train, heldout) + 0.05
+    assert stats["heldout_object_token_accuracy"] is not None
 
     out = vision_stage(MODEL, cfg, SYN, ds.train_json, ds.eval_json, root, tmp_path / "ckpt", None, seed=3,
                        echo=lambda s: None)
