@@ -77,9 +77,8 @@ def resolve(row: Row, cfg: DemoConfig, prep: Prepared, arank_layers: tuple[int, 
         kw["routing_ratio"] = row.routing_ratio
     kw["shared_router"] = row.shared_router
     settings = {"layers": tuple(layers), "mod": kw}
-    if cfg.router_start != "random":  # every row starts its router as the demo does (the official
-        # random start adds no key, so runs finished before the option existed stay cached)
-        settings["start"] = {"router_start": cfg.router_start, "router_start_samples": cfg.router_start_samples}
+    if cfg.router_start_kwargs:  # every row starts its router as the demo does
+        settings["start"] = cfg.router_start_kwargs
     return settings
 
 

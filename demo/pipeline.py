@@ -146,6 +146,14 @@ class DemoConfig:
     def mod_kwargs(self) -> dict[str, Any]:
         return {"routing_ratio": self.routing_ratio, "masking": self.masking, **dict(self.mod_options)}
 
+    @property
+    def router_start_kwargs(self) -> dict[str, Any]:
+        """`adapt_stage`'s router-start arguments, empty for the official random start: stage
+        fingerprints that include them stay unchanged for runs finished before the option existed."""
+        if self.router_start == "random":
+            return {}
+        return {"router_start": self.router_start, "router_start_samples": self.router_start_samples}
+
 
 def load_config(path: str | os.PathLike | None = None) -> DemoConfig:
     """Import a demo config file (configs/demo*.py) and call its `get_config()`."""
@@ -734,8 +742,7 @@ def run_demo(cfg: DemoConfig, workdir: str | os.PathLike, rerun: tuple[str, ...]
 
     # adapt with the ARank layer list, then the two fine-tunes with the same budget
     # The official random start keeps the stage's earlier fingerprint (finished runs stay cached).
-    adapt_inputs = cfg.mod_kwargs if cfg.router_start == "random" else \
-        {**cfg.mod_kwargs, "router_start": cfg.router_start, "router_start_samples": cfg.router_start_samples}
+    adapt_inputs = {**cfg.mod_kwargs, **cfg.router_start_kwargs}
     layers = stages.done["arank"].result["mod_layers"]
     warmup = cfg.router_warmup_steps
     if not warmup:
