@@ -154,6 +154,30 @@ def test_where_questions_follow_from_the_image_and_captions_say_where_groups_lie
         synthetic.SyntheticConfig(vertical_question="middle")
 
 
+def test_caption_shape_tally_starts_each_caption_with_every_shape_named_then_counted():
+    tallied = synthetic.SyntheticConfig(grid=4, image_size=56, caption_shape_tally=True, answer_style="key")
+    words = {w: n for n, w in enumerate(synthetic.NUMBER_WORDS)}
+    seen_zero = seen_many = False
+    for index in range(60):
+        sample = synthetic.make_sample(3, "train", index, tallied)
+        if "scene" not in sample:
+            continue
+        plain = synthetic.caption(sample["scene"], synthetic.SyntheticConfig(grid=4, image_size=56))
+        tally, rest = sample["caption"].split(". ", 1)
+        assert rest == plain  # the caption itself is unchanged; the tally precedes it
+        said = dict(re.findall(r"(\w+): (\w+)", tally.lower()))
+        present = {s: sum(o["shape"] == s for o in sample["scene"]["objects"]) for s in tallied.shapes}
+        # every shape, in the order of `shapes`, zeros included, worded as the count question's answer
+        assert list(said) == [synthetic._plural(s) for s in tallied.shapes], sample["caption"]
+        assert {s: words[said[synthetic._plural(s)]] for s in tallied.shapes} == present, sample["caption"]
+        for question, answer in zip(sample["conversations"][::2], sample["conversations"][1::2]):
+            if question["value"].replace("<image>", "").strip().startswith("How many") and "shapes" not in question["value"]:
+                assert answer["value"] in tally.lower()  # "circles: two" is said in the caption too
+        seen_zero |= 0 in present.values()
+        seen_many |= max(present.values()) > 1
+    assert seen_zero and seen_many
+
+
 def test_caption_shape_counts_start_each_caption_with_the_count_of_every_shape_present():
     counted = synthetic.SyntheticConfig(grid=4, image_size=56, caption_shape_counts=True)
     words = {w: n for n, w in enumerate(synthetic.NUMBER_WORDS)}

@@ -145,3 +145,13 @@ def test_redundancy_start_ranks_the_odd_tokens_above_the_many_alike():
     assert object_over_background(margin[None], np.zeros((1, 16), bool)) is None  # no object: no pairs
     with pytest.raises(ValueError, match="router kernel"):
         router_kernel_from_direction(direction, np.zeros((3, d, 2), np.float32))
+
+    # Fitted on the image tokens alone: a system prompt in front of them (any vectors) does not
+    # move the direction, and its tokens' place among the image tokens' scores is left open.
+    system = rng.normal(size=(1, 5, d)) * 3
+    with_system = np.concatenate([system, inputs], axis=1)
+    image = np.array([[False] * 5 + [True] * 16])
+    np.testing.assert_allclose(redundancy_direction(with_system, image), direction, rtol=1e-12)
+    assert not np.allclose(redundancy_direction(with_system, np.ones((1, 21), bool)), direction)
+    with pytest.raises(ValueError, match="no image tokens"):
+        redundancy_direction(with_system, np.zeros((1, 21), bool))

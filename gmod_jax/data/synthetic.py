@@ -73,6 +73,12 @@ class SyntheticConfig:
     # ..."): counting a shape across colours is practised in every caption, not only in its share
     # of the questions.
     caption_shape_counts: bool = False
+    # Captions start with a tally of every shape in `shapes`, zeros included, worded as the shape
+    # count questions' "key" answers ("Circles: two, squares: zero, triangles: one. A red ..."):
+    # each count is predicted right after its shape word, so every caption practises the look-up
+    # by shape that counting a shape across colours needs. `caption_shape_counts` names the count
+    # before the shape, and the count of whichever shape comes first is a harder prediction.
+    caption_shape_tally: bool = False
     # > 0: each image scene also records `patch_objects`, a patch_grid x patch_grid boolean map
     # (reading order rows) of which square patches of the drawn image hold any object pixel (True)
     # and which are pure background (False). Set it to the vision tower's patches per side, so
@@ -266,6 +272,9 @@ def caption(scene: dict[str, Any], config: SyntheticConfig = SyntheticConfig()) 
         counts = collections.Counter(o["shape"] for o in scene["objects"])
         sentences.insert(0, _listing([f"{NUMBER_WORDS[counts[s]]} {s if counts[s] == 1 else _plural(s)}"
                                       for s in config.shapes if counts[s]]))
+    if config.caption_shape_tally:
+        counts = collections.Counter(o["shape"] for o in scene["objects"])
+        sentences.insert(0, ", ".join(f"{_plural(s)}: {NUMBER_WORDS[counts[s]]}" for s in config.shapes))
     return " ".join(t[0].upper() + t[1:] + "." for t in sentences)
 
 
