@@ -178,6 +178,25 @@ def test_caption_shape_tally_starts_each_caption_with_every_shape_named_then_cou
     assert seen_zero and seen_many
 
 
+def test_caption_tally_in_random_order_changes_only_the_order():
+    fixed = synthetic.SyntheticConfig(grid=4, image_size=56, caption_shape_tally=True)
+    shuffled = dataclasses.replace(fixed, caption_tally_order="random")
+    orders = set()
+    for index in range(40):
+        a, b = synthetic.make_sample(5, "train", index, fixed), synthetic.make_sample(5, "train", index, shuffled)
+        if "scene" not in a:
+            continue
+        assert a["conversations"] == b["conversations"] and a["scene"]["objects"] == b["scene"]["objects"]
+        tally_a, rest_a = a["caption"].split(". ", 1)
+        tally_b, rest_b = b["caption"].split(". ", 1)
+        assert rest_a == rest_b
+        assert sorted(tally_a.lower().split(", ")) == sorted(tally_b.lower().split(", "))  # the same counts
+        orders.add(tuple(re.findall(r"(\w+):", tally_b.lower())))
+    assert len(orders) > 3  # the order varies from scene to scene
+    with pytest.raises(ValueError, match="caption_tally_order"):
+        synthetic.SyntheticConfig(caption_tally_order="alphabetical")
+
+
 def test_caption_shape_counts_start_each_caption_with_the_count_of_every_shape_present():
     counted = synthetic.SyntheticConfig(grid=4, image_size=56, caption_shape_counts=True)
     words = {w: n for n, w in enumerate(synthetic.NUMBER_WORDS)}

@@ -79,6 +79,11 @@ class SyntheticConfig:
     # by shape that counting a shape across colours needs. `caption_shape_counts` names the count
     # before the shape, and the count of whichever shape comes first is a harder prediction.
     caption_shape_tally: bool = False
+    # The tally's order: "shapes" (the order of `shapes`) or "random" (drawn per scene, apart
+    # from the scene's own draws, so scenes and questions stay those of "shapes"). In a fixed
+    # order the shape that follows "circles: two," is known without the question, and a model
+    # can answer a shape count naming the tally's next shape instead of the asked one.
+    caption_tally_order: str = "shapes"
     # > 0: each image scene also records `patch_objects`, a patch_grid x patch_grid boolean map
     # (reading order rows) of which square patches of the drawn image hold any object pixel (True)
     # and which are pure background (False). Set it to the vision tower's patches per side, so
@@ -99,6 +104,8 @@ class SyntheticConfig:
             raise ValueError("image_size too small for the grid")
         if self.caption_order not in ("reading", "colour", "shape"):
             raise ValueError(f"caption_order must be 'reading', 'colour' or 'shape', got {self.caption_order!r}")
+        if self.caption_tally_order not in ("shapes", "random"):
+            raise ValueError(f"caption_tally_order must be 'shapes' or 'random', got {self.caption_tally_order!r}")
         if self.answer_style not in ("word", "key"):
             raise ValueError(f"answer_style must be 'word' or 'key', got {self.answer_style!r}")
         if self.vertical_question not in ("which", "where"):
@@ -274,7 +281,8 @@ def caption(scene: dict[str, Any], config: SyntheticConfig = SyntheticConfig()) 
                                       for s in config.shapes if counts[s]]))
     if config.caption_shape_tally:
         counts = collections.Counter(o["shape"] for o in scene["objects"])
-        sentences.insert(0, ", ".join(f"{_plural(s)}: {NUMBER_WORDS[counts[s]]}" for s in config.shapes))
+        order = scene.get("tally_order", config.shapes)
+        sentences.insert(0, ", ".join(f"{_plural(s)}: {NUMBER_WORDS[counts[s]]}" for s in order))
     return " ".join(t[0].upper() + t[1:] + "." for t in sentences)
 
 
@@ -315,6 +323,9 @@ def make_sample(seed: int, split: str, index: int, config: SyntheticConfig = Syn
     scene = make_scene(rng, config)
     if config.patch_grid:
         scene["patch_objects"] = patch_object_map(scene, config.patch_grid).tolist()
+    if config.caption_shape_tally and config.caption_tally_order == "random":
+        tally_rng = np.random.default_rng([seed, SPLIT_CODES[split], index, 1])  # leaves `rng`'s draws alone
+        scene["tally_order"] = [str(s) for s in tally_rng.permutation(list(config.shapes))]
     return {
         "id": sample_id,
         "image": f"images/{split}/{index:06d}.png",
