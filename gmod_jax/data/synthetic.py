@@ -275,12 +275,11 @@ def caption(scene: dict[str, Any], config: SyntheticConfig = SyntheticConfig()) 
     parts = [(f"{_a(c)} {s}" if len(m) == 1 else f"{NUMBER_WORDS[len(m)]} {c} {_plural(s)}")
              + (_where(m, scene["grid"]) if config.caption_positions else "") for (c, s), m in groups.items()]
     sentences = [_listing(parts)]
+    counts = collections.Counter(o["shape"] for o in scene["objects"])
     if config.caption_shape_counts:  # first, so the counts come from the image, not from the caption
-        counts = collections.Counter(o["shape"] for o in scene["objects"])
         sentences.insert(0, _listing([f"{NUMBER_WORDS[counts[s]]} {s if counts[s] == 1 else _plural(s)}"
                                       for s in config.shapes if counts[s]]))
     if config.caption_shape_tally:
-        counts = collections.Counter(o["shape"] for o in scene["objects"])
         order = scene.get("tally_order", config.shapes)
         sentences.insert(0, ", ".join(f"{_plural(s)}: {NUMBER_WORDS[counts[s]]}" for s in order))
     return " ".join(t[0].upper() + t[1:] + "." for t in sentences)
