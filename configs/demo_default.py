@@ -50,7 +50,8 @@ IMAGE_SIZE, PATCH = 112, 14
 def get_config() -> DemoConfig:
     base = load_config_file(Path(__file__).with_name("demo_cells.py"), DemoConfig)
     synthetic = dataclasses.replace(base.synthetic, image_size=IMAGE_SIZE, patch_grid=IMAGE_SIZE // PATCH,
-                                    caption_shape_tally=True, min_turns=3)
+                                    caption_shape_tally=True, caption_tally_order="random",
+                                    min_turns=5, max_turns=5)
     model = base.model.replace(vision=dataclasses.replace(base.model.vision, image_size=IMAGE_SIZE, patch_size=PATCH))
 
     def sized(train, max_length: int):
@@ -61,6 +62,6 @@ def get_config() -> DemoConfig:
         base, model=model, synthetic=synthetic,
         vision_pretrain=dataclasses.replace(base.vision_pretrain, steps=600, lr=6e-3, attribute_labels=True),
         pretrain=sized(base.pretrain, 112),  # plain captions: 64 image + tally and caption (<= 44) + end
-        dense_train=sized(base.dense_train, 176),  # vicuna_v1: 33 system + 64 image + 1-3 turns
-        finetune=sized(base.finetune, 176),
+        dense_train=sized(base.dense_train, 208),  # vicuna_v1: 33 system + 64 image + 5 turns (<= 201)
+        finetune=sized(base.finetune, 208),
         routing_ratio=0.5, router_start="redundancy")
