@@ -142,10 +142,11 @@ def test_default_config_bucket_holds_every_conversation_whole(tmp_path):
     for i in range(1500):
         sample = make_sample(0, "train", i, cfg.synthetic)
         record = {"image": sample.get("image"), "conversations": sample["conversations"]}
+        # the one <image> placeholder becomes the image's tokens
         lengths.append(len(tokenize_record(record, tok, demo.TEMPLATE).input_ids) - 1 + image_tokens)
         turns.append(len(sample["conversations"]) // 2)
     assert max(lengths) <= cfg.dense_train.data.max_length == cfg.finetune.data.max_length
-    assert max(lengths) > cfg.dense_train.data.max_length - 16  # and is not padded far past it
+    assert max(lengths) > cfg.dense_train.data.max_length - 16  # nor a 16-token step of padding past it
     assert max(turns) == cfg.synthetic.max_turns
 
 
