@@ -30,7 +30,8 @@ Everything not listed here is configs/demo_cells.py's (the 16-token scenes, the 
   triangles" -> "squares: one"); a random order, three turns: 92.3 / 93.7 / 86.1% (seed 2's
   colour and side look-ups unfinished: its last 100 steps' loss 0.058 against 0.036 / 0.025).
   Five turns (4.7 per image on average against 2.9: a turn whose kind has no question left is
-  dropped) give each step 1.6x the answers for 18% longer rows: 94.7 / 96.8 / 96.0%.
+  dropped) give each step 1.6x the answers for 18% longer rows: 94.7 / 96.8 / 96.0% (seeds
+  3 / 4: 81.4 / 87.5%, their loss as high at the end as the three-turn misses').
 - Routing ratio 0.5, the official code's, with `router_start="redundancy"` (a documented
   deviation; `random` is the official start): the shared router starts from the direction away
   from the mean image token (demo/router_probes.py), so it skips background first and keeps the
