@@ -132,18 +132,17 @@ def test_default_config_bucket_holds_every_conversation_whole(tmp_path):
     201 tokens measured on the 10,000 training conversations of seeds 0-2)."""
     from gmod_jax.data.llava_json import tokenize_record
     from gmod_jax.data.synthetic import synthetic_texts
-    from gmod_jax.data.tokenizer import train_sentencepiece
+    from gmod_jax.data.tokenizer import expand_image_placeholder, train_sentencepiece
 
     cfg = demo.load_config(DEFAULT_CONFIG)
     tok = train_sentencepiece(synthetic_texts(cfg.tokenizer_texts, 0, cfg.synthetic), tmp_path / "tok",
                               vocab_size=cfg.vocab_size)
-    image_tokens = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
     lengths, turns = [], []
     for i in range(1500):
         sample = make_sample(0, "train", i, cfg.synthetic)
         record = {"image": sample.get("image"), "conversations": sample["conversations"]}
-        # the one <image> placeholder becomes the image's tokens
-        lengths.append(len(tokenize_record(record, tok, demo.TEMPLATE).input_ids) - 1 + image_tokens)
+        encoded = tokenize_record(record, tok, demo.TEMPLATE)
+        lengths.append(len(expand_image_placeholder(encoded, tok.image_token_id, cfg.model.image_seq_length).input_ids))
         turns.append(len(sample["conversations"]) // 2)
     assert max(lengths) <= cfg.dense_train.data.max_length == cfg.finetune.data.max_length
     assert max(lengths) > cfg.dense_train.data.max_length - 16  # nor a 16-token step of padding past it

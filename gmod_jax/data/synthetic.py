@@ -114,8 +114,9 @@ class SyntheticConfig:
             raise ValueError(f"patch_grid must be 0 or divide image_size {self.image_size}, got {self.patch_grid}")
 
 
-def _rng(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, SPLIT_CODES[split], index])
+def _rng(seed: int, split: str, index: int, *stream: int) -> np.random.Generator:
+    """The sample's generator; a `stream` number gives an independent one for the same sample."""
+    return np.random.default_rng([seed, SPLIT_CODES[split], index, *stream])
 
 
 def make_scene(rng: np.random.Generator, config: SyntheticConfig) -> dict[str, Any]:
@@ -323,7 +324,7 @@ def make_sample(seed: int, split: str, index: int, config: SyntheticConfig = Syn
     if config.patch_grid:
         scene["patch_objects"] = patch_object_map(scene, config.patch_grid).tolist()
     if config.caption_shape_tally and config.caption_tally_order == "random":
-        tally_rng = np.random.default_rng([seed, SPLIT_CODES[split], index, 1])  # leaves `rng`'s draws alone
+        tally_rng = _rng(seed, split, index, 1)  # leaves `rng`'s draws alone
         scene["tally_order"] = [str(s) for s in tally_rng.permutation(list(config.shapes))]
     return {
         "id": sample_id,
